@@ -1,0 +1,472 @@
+//! A thin wrapper over rtnetlink so the datapath speaks in links, addresses, routes,
+//! rules and neighbours, and never touches raw netlink messages.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::RawFd;
+
+use futures::TryStreamExt;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+pub use netlink_packet_route::neighbour::NeighbourState as NeighbourStateExport;
+
+pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENODEV: i32 = 19;
+const EEXIST: i32 = 17;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// A netlink failure with the operation that failed, for the CNI error's details.
+#[derive(Debug, Clone)]
+pub struct NlError {
+    pub op: String,
+    pub errno: Option<i32>,
+    pub text: String,
+}
+
+impl std::fmt::Display for NlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.op, self.text)
+    }
+}
+
+impl std::error::Error for NlError {}
+
+impl NlError {
+    fn from_rt(op: impl Into<String>, e: rtnetlink::Error) -> Self {
+        let (errno, text) = match &e {
+            rtnetlink::Error::NetlinkError(m) => {
+                let io = m.to_io();
+                (io.raw_os_error(), io.to_string())
+            }
+            other => (None, other.to_string()),
+        };
+        NlError {
+            op: op.into(),
+            errno,
+            text,
+        }
+    }
+
+    fn is(&self, errnos: &[i32]) -> bool {
+        self.errno.is_some_and(|e| errnos.contains(&e))
+    }
+}
+
+pub type NlResult<T> = Result<T, NlError>;
+
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub up: bool,
+    pub mtu: u32,
+}
+
+impl Link {
+    fn from_msg(m: &LinkMessage) -> Self {
+        let mut l = Link {
+            index: m.header.index,
+            name: String::new(),
+            mac: [0; 6],
+            up: m.header.flags.contains(LinkFlags::Up),
+            mtu: 0,
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name = n.clone(),
+                LinkAttribute::Address(b) if b.len() == 6 => l.mac.copy_from_slice(b),
+                LinkAttribute::Mtu(m) => l.mtu = *m,
+                _ => {}
+            }
+        }
+        l
+    }
+
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A policy rule as the datapath sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub priority: u32,
+    pub table: u32,
+    pub from: Option<(Ipv4Addr, u8)>,
+    pub to: Option<(Ipv4Addr, u8)>,
+    pub fwmark: Option<u32>,
+    msg: RuleMessage,
+}
+
+/// An IPv4 route as the datapath sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub table: u32,
+    pub dst: Ipv4Addr,
+    pub dst_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub scope: RouteScope,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the calling thread's current network namespace.
+    /// Must be called inside a tokio runtime.
+    pub fn connect() -> std::io::Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link(&self, name: &str) -> NlResult<Option<Link>> {
+        let r = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await;
+        match r {
+            Ok(Some(m)) => Ok(Some(Link::from_msg(&m))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let e = NlError::from_rt(format!("get link {name}"), e);
+                if e.is(&[ENODEV]) { Ok(None) } else { Err(e) }
+            }
+        }
+    }
+
+    pub async fn links(&self) -> NlResult<Vec<Link>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NlError::from_rt("list links", e))?;
+        Ok(msgs.iter().map(Link::from_msg).collect())
+    }
+
+    /// Deletes a link; a link already gone is not an error.
+    pub async fn delete_link(&self, index: u32) -> NlResult<()> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("delete link #{index}"), e);
+                if e.is(&[ENODEV, ENOENT]) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn set_up(&self, index: u32) -> NlResult<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| NlError::from_rt(format!("set link #{index} up"), e))
+    }
+
+    /// Creates a veth pair whose peer is born inside the namespace `peer_netns`,
+    /// so the pod's end never exists in the host namespace.
+    pub async fn add_veth_into(
+        &self,
+        name: &str,
+        peer: &str,
+        mtu: u32,
+        peer_netns: RawFd,
+    ) -> NlResult<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .mtu(mtu)
+            .setns_by_fd(peer_netns)
+            .build();
+        let msg = LinkVeth::new(name, peer)
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| NlError::from_rt(format!("create veth {name} (peer {peer})"), e))
+    }
+
+    pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> NlResult<()> {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix_len)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("add address {ip}/{prefix_len}"), e);
+                if e.is(&[EEXIST]) { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    pub async fn ipv4_addresses(&self, index: u32) -> NlResult<Vec<(Ipv4Addr, u8)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NlError::from_rt("list addresses", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(v4)) => Some((*v4, m.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Adds or replaces a route: `dst/len [via gw] dev oif` in `table`.
+    pub async fn replace_route(
+        &self,
+        table: u32,
+        dst: Ipv4Addr,
+        dst_len: u8,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+        scope: RouteScope,
+    ) -> NlResult<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, dst_len)
+            .output_interface(oif)
+            .table_id(table)
+            .scope(scope);
+        if let Some(gw) = gateway {
+            b = b.gateway(gw);
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NlError::from_rt(format!("add route {dst}/{dst_len} table {table}"), e))
+    }
+
+    pub async fn routes(&self) -> NlResult<Vec<Route>> {
+        let req = RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build();
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(req)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NlError::from_rt("list routes", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.address_family == AddressFamily::Inet)
+            .map(|m| {
+                let mut r = Route {
+                    table: m.header.table as u32,
+                    dst: Ipv4Addr::UNSPECIFIED,
+                    dst_len: m.header.destination_prefix_length,
+                    gateway: None,
+                    oif: None,
+                    scope: m.header.scope,
+                };
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Table(t) => r.table = *t,
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                        RouteAttribute::Oif(i) => r.oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                r
+            })
+            .collect())
+    }
+
+    /// Adds `[from src/len] [to dst/len] lookup table pref priority`; an identical
+    /// rule already present is not an error (ADD may be repeated for one sandbox).
+    pub async fn add_rule(
+        &self,
+        priority: u32,
+        table: u32,
+        from: Option<(Ipv4Addr, u8)>,
+        to: Option<(Ipv4Addr, u8)>,
+    ) -> NlResult<()> {
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .priority(priority)
+            .table_id(table)
+            .action(RuleAction::ToTable);
+        if let Some((ip, len)) = from {
+            req = req.source_prefix(ip, len);
+        }
+        if let Some((ip, len)) = to {
+            req = req.destination_prefix(ip, len);
+        }
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("add rule pref {priority} table {table}"), e);
+                if e.is(&[EEXIST]) { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    pub async fn rules(&self) -> NlResult<Vec<Rule>> {
+        let msgs: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NlError::from_rt("list rules", e))?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut r = Rule {
+                    priority: 0,
+                    table: m.header.table as u32,
+                    from: None,
+                    to: None,
+                    fwmark: None,
+                    msg: RuleMessage::default(),
+                };
+                for a in &m.attributes {
+                    match a {
+                        RuleAttribute::Priority(p) => r.priority = *p,
+                        RuleAttribute::Table(t) => r.table = *t,
+                        RuleAttribute::Source(IpAddr::V4(s)) => {
+                            r.from = Some((*s, m.header.src_len))
+                        }
+                        RuleAttribute::Destination(IpAddr::V4(d)) => {
+                            r.to = Some((*d, m.header.dst_len))
+                        }
+                        RuleAttribute::FwMark(f) => r.fwmark = Some(*f),
+                        _ => {}
+                    }
+                }
+                r.msg = m;
+                r
+            })
+            .collect())
+    }
+
+    /// Deletes a rule; one already gone is not an error.
+    pub async fn delete_rule(&self, rule: &Rule) -> NlResult<()> {
+        match self.handle.rule().del(rule.msg.clone()).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("delete rule pref {}", rule.priority), e);
+                if e.is(&[ENOENT, ESRCH]) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn set_permanent_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: &[u8; 6],
+    ) -> NlResult<()> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NlError::from_rt(format!("add permanent neighbour {ip}"), e))
+    }
+
+    /// (ip, mac, state) of the IPv4 neighbours on link `index`.
+    pub async fn neighbours(
+        &self,
+        index: u32,
+    ) -> NlResult<Vec<(Ipv4Addr, [u8; 6], NeighbourState)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NlError::from_rt("list neighbours", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index)
+            .filter_map(|m| {
+                let mut ip = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            ip = Some(*v4)
+                        }
+                        NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                            let mut m6 = [0u8; 6];
+                            m6.copy_from_slice(b);
+                            mac = Some(m6);
+                        }
+                        _ => {}
+                    }
+                }
+                Some((ip?, mac?, m.header.state))
+            })
+            .collect())
+    }
+}
+
+/// Errors of deleting an address that is already gone.
+pub fn is_gone(e: &NlError) -> bool {
+    e.is(&[ENOENT, ENODEV, ESRCH, EADDRNOTAVAIL])
+}

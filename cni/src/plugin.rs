@@ -1,0 +1,531 @@
+//! The CNI verbs: what ADD, DEL, CHECK, STATUS, GC and VERSION do, in order.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use serde_json::Value;
+use vpc_cni_proto::health::health_check_response::ServingStatus;
+use vpc_cni_proto::rpc::{
+    AddNetworkRequest, Attachment, DelNetworkRequest, GarbageCollectRequest, IpAllocationMetadata,
+};
+
+use crate::args::K8sArgs;
+use crate::config::{NetConf, peek_version};
+use crate::datapath::{self, GATEWAY, PodSpec};
+use crate::error::{CniError, ErrorCode, Result};
+use crate::ipamd::{CLIENT_VERSION, CallError, Ipamd};
+use crate::netlink::{Netlink, format_mac};
+use crate::netns::NetNs;
+use crate::result::{CniResult, Interface, IpConfig, Route};
+
+/// The CNI_* environment of one invocation.
+#[derive(Debug, Clone, Default)]
+pub struct CniEnv {
+    pub command: String,
+    pub container_id: String,
+    pub netns: String,
+    pub if_name: String,
+    pub args: String,
+}
+
+impl CniEnv {
+    pub fn from_process() -> Self {
+        let var = |k| std::env::var(k).unwrap_or_default();
+        CniEnv {
+            command: var("CNI_COMMAND"),
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS"),
+            if_name: var("CNI_IFNAME"),
+            args: var("CNI_ARGS"),
+        }
+    }
+
+    fn require_container_id(&self) -> Result<()> {
+        if self.container_id.is_empty() {
+            return Err(CniError::env(format!(
+                "CNI_CONTAINERID is required for {}",
+                self.command
+            )));
+        }
+        Ok(())
+    }
+
+    fn require_if_name(&self) -> Result<()> {
+        let n = &self.if_name;
+        if n.is_empty() {
+            return Err(CniError::env(format!(
+                "CNI_IFNAME is required for {}",
+                self.command
+            )));
+        }
+        // The kernel's dev_valid_name().
+        if n.len() > 15
+            || n == "."
+            || n == ".."
+            || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        {
+            return Err(CniError::env(format!(
+                "CNI_IFNAME {n:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Runs one verb. `Ok(Some(json))` is printed on stdout; `Err` becomes the CNI error JSON.
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
+    match env.command.as_str() {
+        "VERSION" => Ok(Some(crate::version::version_info(
+            peek_version(stdin).as_deref(),
+        ))),
+        "ADD" | "DEL" | "CHECK" | "STATUS" | "GC" => {
+            let conf = NetConf::parse(stdin)?;
+            crate::log::init(&conf.log_file, conf.log_level);
+            debug!(
+                "{} container={} netns={:?} ifname={} args={:?}",
+                env.command, env.container_id, env.netns, env.if_name, env.args
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    CniError::new(ErrorCode::Io, "cannot start the async runtime").with_details(e)
+                })?;
+            let out = rt.block_on(async {
+                match env.command.as_str() {
+                    "ADD" => add(env, &conf).await.map(Some),
+                    "DEL" => del(env, &conf).await.map(|()| None),
+                    "CHECK" => check(env, &conf).await.map(|()| None),
+                    "STATUS" => status(&conf).await.map(|()| None),
+                    _ => gc(&conf).await.map(|()| None),
+                }
+            });
+            match &out {
+                Ok(_) => info!("{} container={} done", env.command, env.container_id),
+                Err(e) => error!("{} container={} failed: {e}", env.command, env.container_id),
+            }
+            out
+        }
+        "" => Err(CniError::env(
+            "CNI_COMMAND is not set: aws-cni is a CNI plugin, run by a container runtime",
+        )),
+        other => Err(CniError::env(format!(
+            "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"
+        ))),
+    }
+}
+
+/// The pod's network namespace and netlink sockets on both sides.
+struct Sides {
+    host: Netlink,
+    pod: Netlink,
+    pod_ns: NetNs,
+}
+
+/// Opens the pod's namespace. `Ok(None)` if the path no longer exists.
+fn open_pod_ns(path: &str) -> Result<Option<Sides>> {
+    let home = NetNs::current().map_err(|e| {
+        CniError::new(ErrorCode::Io, "cannot open the host network namespace").with_details(e)
+    })?;
+    let pod_ns = match NetNs::open(Path::new(path)) {
+        Ok(ns) => ns,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(CniError::new(
+                ErrorCode::UnknownContainer,
+                format!("cannot open CNI_NETNS {path}"),
+            )
+            .with_details(e));
+        }
+    };
+    let pod = pod_ns
+        .run_in(&home, Netlink::connect)
+        .map_err(|e| {
+            CniError::env(format!("CNI_NETNS {path} is not a network namespace")).with_details(e)
+        })?
+        .map_err(|e| {
+            CniError::new(ErrorCode::Io, format!("cannot open netlink in {path}")).with_details(e)
+        })?;
+    let host = Netlink::connect().map_err(|e| {
+        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
+    })?;
+    Ok(Some(Sides { host, pod, pod_ns }))
+}
+
+fn host_veth(conf: &NetConf, env: &CniEnv, k8s: &K8sArgs) -> String {
+    if k8s.pod_name.is_empty() {
+        // Not Kubernetes (podman, ctr): name the veth after the container instead.
+        datapath::host_veth_name(&conf.veth_prefix, "", &env.container_id)
+    } else {
+        datapath::host_veth_name(&conf.veth_prefix, &k8s.pod_namespace, &k8s.pod_name)
+    }
+}
+
+/// The route table of a secondary ENI's address; `None` on the primary ENI.
+fn table_of(meta: &IpAllocationMetadata) -> Option<u32> {
+    if meta.device_number <= 0 {
+        None
+    } else if meta.route_table_id > 0 {
+        Some(meta.route_table_id as u32)
+    } else {
+        Some(meta.device_number as u32 + 1)
+    }
+}
+
+fn del_request(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs, reason: &str) -> DelNetworkRequest {
+    DelNetworkRequest {
+        k8s_pod_name: k8s.pod_name.clone(),
+        k8s_pod_namespace: k8s.pod_namespace.clone(),
+        k8s_pod_infra_container_id: k8s.pod_infra_container_id.clone(),
+        k8s_pod_uid: k8s.pod_uid.clone(),
+        reason: reason.to_string(),
+        if_name: env.if_name.clone(),
+        network_name: conf.name.clone(),
+        container_id: env.container_id.clone(),
+        client_version: CLIENT_VERSION.to_string(),
+    }
+}
+
+async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
+    env.require_container_id()?;
+    env.require_if_name()?;
+    let k8s = K8sArgs::parse(&env.args)?;
+    if env.netns.is_empty() {
+        return Err(CniError::env("CNI_NETNS is required for ADD"));
+    }
+    // Prior results in a chain are kept; our part is appended.
+    let prev = match &conf.prev_result {
+        Some(v) => Some(CniResult::from_prev(v)?),
+        None => None,
+    };
+    // Check the namespace before taking an address for it.
+    let sides = open_pod_ns(&env.netns)?.ok_or_else(|| {
+        CniError::new(
+            ErrorCode::UnknownContainer,
+            format!("CNI_NETNS {} does not exist", env.netns),
+        )
+    })?;
+
+    let ipamd = Ipamd::connect(&conf.ipamd).await?;
+    let reply = ipamd
+        .add(AddNetworkRequest {
+            k8s_pod_name: k8s.pod_name.clone(),
+            k8s_pod_namespace: k8s.pod_namespace.clone(),
+            k8s_pod_infra_container_id: k8s.pod_infra_container_id.clone(),
+            netns: env.netns.clone(),
+            if_name: env.if_name.clone(),
+            network_name: conf.name.clone(),
+            container_id: env.container_id.clone(),
+            client_version: CLIENT_VERSION.to_string(),
+            requires_multi_nic_attachment: false,
+        })
+        .await?;
+    if !reply.success {
+        return Err(CniError::new(
+            ErrorCode::TryAgainLater,
+            format!(
+                "ipamd has no free address for pod {}/{} now",
+                k8s.pod_namespace, k8s.pod_name
+            ),
+        ));
+    }
+    let release = |why: String| {
+        let req = del_request(env, conf, &k8s, "aws-cni: ADD failed");
+        let ipamd = &ipamd;
+        async move {
+            if let Err(e) = ipamd.del(req).await {
+                error!(
+                    "could not hand the address back to ipamd after {why}: {}",
+                    CniError::from(e)
+                );
+            } else {
+                info!("handed the address back to ipamd after {why}");
+            }
+        }
+    };
+    let meta = reply
+        .ip_allocation_metadata
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let ip: Ipv4Addr = match meta.i_pv4_addr.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            release("a bad answer".into()).await;
+            return Err(CniError::new(
+                ErrorCode::Ipamd,
+                format!(
+                    "ipamd answered AddNetwork without a usable IPv4 address ({:?})",
+                    meta.i_pv4_addr
+                ),
+            ));
+        }
+    };
+    let spec = PodSpec {
+        host_veth: host_veth(conf, env, &k8s),
+        if_name: env.if_name.clone(),
+        ip,
+        mtu: conf.mtu,
+        table: table_of(&meta),
+    };
+    debug!(
+        "ipamd gave {ip} (device {}, table {:?})",
+        meta.device_number, spec.table
+    );
+
+    let built = match datapath::setup(&sides.host, &sides.pod, sides.pod_ns.raw_fd(), &spec).await {
+        Ok(b) => b,
+        Err(e) => {
+            if let Err(undo) = datapath::undo_setup(&sides.host, &spec).await {
+                error!("cleanup after failed setup also failed: {undo}");
+            }
+            release(format!("datapath setup failed ({e})")).await;
+            return Err(CniError::datapath(format!(
+                "could not build the datapath for {ip} on {}",
+                spec.host_veth
+            ))
+            .with_details(e));
+        }
+    };
+    info!(
+        "pod {}/{} has {ip} on {} (host veth {})",
+        k8s.pod_namespace, k8s.pod_name, spec.if_name, spec.host_veth
+    );
+
+    let ours = CniResult {
+        interfaces: vec![
+            Interface {
+                name: built.host.name.clone(),
+                mac: format_mac(&built.host.mac),
+                sandbox: None,
+            },
+            Interface {
+                name: built.pod.name.clone(),
+                mac: format_mac(&built.pod.mac),
+                sandbox: Some(env.netns.clone()),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: format!("{ip}/32"),
+            gateway: Some(GATEWAY.into()),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: "0.0.0.0/0".into(),
+            gw: Some(GATEWAY.into()),
+        }],
+        dns: Value::Null,
+    };
+    let result = match prev {
+        Some(p) => p.chain(ours),
+        None => ours,
+    };
+    Ok(result.to_json(conf.cni_version, &conf.cni_version_str))
+}
+
+/// DEL succeeds whenever nothing of the pod is left: when repeated, when the netns is
+/// gone or empty, and when ipamd is unreachable (teardown from prevResult and host state).
+async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    env.require_container_id()?;
+    env.require_if_name()?;
+    let k8s = K8sArgs::parse(&env.args)?;
+    let prev_ip = conf
+        .prev_result
+        .as_ref()
+        .and_then(|v| CniResult::from_prev(v).ok())
+        .and_then(|r| r.sandbox_ipv4(&env.if_name));
+
+    // 1. Release the address. ipamd tells us which it was.
+    let released: std::result::Result<Option<(Ipv4Addr, Option<u32>)>, CallError> = async {
+        let ipamd = Ipamd::connect(&conf.ipamd).await?;
+        let reply = ipamd
+            .del(del_request(env, conf, &k8s, "PodDeleted"))
+            .await?;
+        if !reply.success {
+            return Err(CallError::Failed(CniError::new(
+                ErrorCode::Ipamd,
+                format!(
+                    "ipamd refused to release the address of container {}",
+                    env.container_id
+                ),
+            )));
+        }
+        Ok(reply
+            .ip_allocation_metadata
+            .first()
+            .and_then(|m| Some((m.i_pv4_addr.parse().ok()?, table_of(m)))))
+    }
+    .await;
+
+    // 2. Remove the pod's interface, if its namespace is still there.
+    let host = Netlink::connect().map_err(|e| {
+        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
+    })?;
+    let mut netns_ip = None;
+    if !env.netns.is_empty()
+        && let Some(sides) = open_pod_ns(&env.netns)?
+    {
+        netns_ip = datapath::remove_pod_interface(&sides.pod, &env.if_name)
+            .await
+            .map_err(|e| {
+                CniError::datapath("could not remove the pod interface").with_details(e)
+            })?;
+    }
+
+    // 3. Remove the host rules of the address that was this container's.
+    let ip = match &released {
+        Ok(Some((ip, _))) => Some(*ip),
+        // ipamd holds nothing for this container (a repeated DEL): the rules went with
+        // the first DEL, and the address may since belong to another pod. Touch nothing
+        // but what the namespace itself proved ours.
+        Ok(None) => netns_ip,
+        Err(CallError::Unreachable(e)) => {
+            warn!("ipamd unreachable on DEL, tearing down from local state: {e}");
+            netns_ip.or(prev_ip)
+        }
+        Err(CallError::Failed(_)) => netns_ip.or(prev_ip),
+    };
+    if let Some(ip) = ip {
+        datapath::remove_host_rules(&host, ip).await.map_err(|e| {
+            CniError::datapath(format!("could not remove the host rules of {ip}")).with_details(e)
+        })?;
+    }
+    match released {
+        Err(CallError::Failed(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    if !conf.cni_version.has_check() {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, the configuration says {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    env.require_container_id()?;
+    env.require_if_name()?;
+    let k8s = K8sArgs::parse(&env.args)?;
+    if env.netns.is_empty() {
+        return Err(CniError::env("CNI_NETNS is required for CHECK"));
+    }
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::config("CHECK needs prevResult in the configuration"))?;
+    let prev = CniResult::from_prev(prev)?;
+    let ip = prev.sandbox_ipv4(&env.if_name).ok_or_else(|| {
+        CniError::config(format!(
+            "prevResult has no IPv4 address for interface {}",
+            env.if_name
+        ))
+    })?;
+    let sides = open_pod_ns(&env.netns)?.ok_or_else(|| {
+        CniError::new(
+            ErrorCode::UnknownContainer,
+            format!("CNI_NETNS {} does not exist", env.netns),
+        )
+    })?;
+    // Which table the from-rule should name is ipamd's knowledge; CHECK verifies it if
+    // present and otherwise accepts the primary-ENI form.
+    let rules = sides
+        .host
+        .rules()
+        .await
+        .map_err(|e| CniError::datapath("cannot read host rules").with_details(e))?;
+    let table = rules
+        .iter()
+        .find(|r| r.priority == datapath::FROM_POD_RULE_PRIORITY && r.from == Some((ip, 32)))
+        .map(|r| r.table);
+    let spec = PodSpec {
+        host_veth: host_veth(conf, env, &k8s),
+        if_name: env.if_name.clone(),
+        ip,
+        mtu: conf.mtu,
+        table,
+    };
+    let wrong = datapath::check(&sides.host, &sides.pod, &spec)
+        .await
+        .map_err(|e| CniError::datapath("cannot read the datapath").with_details(e))?;
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            ErrorCode::CheckFailed,
+            format!("the datapath of {ip} differs from what ADD built"),
+        )
+        .with_details(wrong.join("; ")))
+    }
+}
+
+async fn status(conf: &NetConf) -> Result<()> {
+    let not_available = |e: CniError| CniError {
+        code: ErrorCode::NotAvailable,
+        ..e
+    };
+    let ipamd = Ipamd::connect(&conf.ipamd)
+        .await
+        .map_err(|e| not_available(e.into()))?;
+    match ipamd.health().await.map_err(|e| not_available(e.into()))? {
+        ServingStatus::Serving => Ok(()),
+        s => Err(CniError::new(
+            ErrorCode::NotAvailable,
+            format!(
+                "ipamd at {} cannot hand out addresses now (health: {})",
+                conf.ipamd,
+                s.as_str_name()
+            ),
+        )),
+    }
+}
+
+async fn gc(conf: &NetConf) -> Result<()> {
+    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    let ipamd = Ipamd::connect(&conf.ipamd).await?;
+    let reply = ipamd
+        .garbage_collect(GarbageCollectRequest {
+            network_name: conf.name.clone(),
+            valid_attachments: valid
+                .iter()
+                .map(|a| Attachment {
+                    container_id: a.container_id.clone(),
+                    if_name: a.ifname.clone(),
+                })
+                .collect(),
+            client_version: CLIENT_VERSION.to_string(),
+        })
+        .await?;
+    let Some(reply) = reply else {
+        info!("ipamd does not implement GC; nothing collected");
+        return Ok(());
+    };
+    let host = Netlink::connect().map_err(|e| {
+        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
+    })?;
+    for r in &reply.released {
+        let Some(ip) = r
+            .ip_allocation_metadata
+            .as_ref()
+            .and_then(|m| m.i_pv4_addr.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        info!(
+            "GC released {ip} of container {} ({})",
+            r.container_id, r.if_name
+        );
+        datapath::remove_host_rules(&host, ip).await.map_err(|e| {
+            CniError::datapath(format!("could not remove the host rules of {ip}")).with_details(e)
+        })?;
+    }
+    if !reply.success {
+        return Err(CniError::new(
+            ErrorCode::Ipamd,
+            "ipamd could not finish garbage collection",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Runs the real `aws-cni` binary the way a container runtime does: a clean
+//! environment of CNI_* variables, the network configuration on stdin, inside the
+//! node's network namespace.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// The plugin binary: `$AWS_CNI_BIN`, or the workspace's target dir (debug, or release
+/// for benchmarks). Build it first with `cargo build -p aws-cni`.
+pub fn plugin_bin(release: bool) -> PathBuf {
+    if let Ok(p) = std::env::var("AWS_CNI_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target
+        .join(if release { "release" } else { "debug" })
+        .join("aws-cni");
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build -p aws-cni{}` first",
+        p.display(),
+        if release { " --release" } else { "" }
+    );
+    p
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub success: bool,
+    pub stdout: String,
+    pub json: Value,
+    pub stderr: String,
+}
+
+impl Output {
+    /// The CNI error code, if the plugin failed.
+    pub fn code(&self) -> Option<u64> {
+        self.json.get("code").and_then(Value::as_u64)
+    }
+
+    pub fn msg(&self) -> String {
+        self.json
+            .get("msg")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub command: String,
+    pub container_id: String,
+    pub netns: String,
+    pub if_name: String,
+    pub args: String,
+}
+
+impl Invocation {
+    pub fn new(
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        pod_ns: &str,
+        pod_name: &str,
+    ) -> Self {
+        Invocation {
+            command: command.into(),
+            container_id: container_id.into(),
+            netns: netns.into(),
+            if_name: "eth0".into(),
+            // containerd's form and (varying) order.
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_ns};K8S_POD_NAME={pod_name};\
+                 K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod_name}"
+            ),
+        }
+    }
+
+    pub fn with_command(&self, command: &str) -> Self {
+        Invocation {
+            command: command.into(),
+            ..self.clone()
+        }
+    }
+}
+
+/// Execs the plugin inside the namespace at `node_netns` (or the caller's, if None).
+pub fn run(bin: &PathBuf, node_netns: Option<&str>, inv: &Invocation, stdin: &str) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", &inv.command)
+        .env("CNI_CONTAINERID", &inv.container_id)
+        .env("CNI_NETNS", &inv.netns)
+        .env("CNI_IFNAME", &inv.if_name)
+        .env("CNI_ARGS", &inv.args)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(path) = node_netns {
+        let ns = File::open(path).expect("open node netns");
+        // SAFETY: setns is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn aws-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait aws-cni");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Output {
+        success: out.status.success(),
+        json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A network configuration as libcni hands it to the plugin.
+pub fn netconf(version: &str, socket: &str, log: &str, extra: &[(&str, Value)]) -> String {
+    let mut v = serde_json::json!({
+        "cniVersion": version,
+        "name": "aws-cni",
+        "type": "aws-cni",
+        "mtu": "9001",
+        "vethPrefix": "eni",
+        "pluginLogFile": log,
+        "pluginLogLevel": "Debug",
+        "ipamdAddress": socket,
+    });
+    for (k, val) in extra {
+        v[*k] = val.clone();
+    }
+    v.to_string()
+}

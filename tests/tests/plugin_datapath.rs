@@ -1,0 +1,453 @@
+//! The real `aws-cni` binary, run as containerd runs it, against a node netns and pod
+//! netns; what it built is read back with netlink. Needs root.
+
+use std::net::Ipv4Addr;
+
+use aws_cni::datapath::{GATEWAY, host_veth_name};
+use aws_cni::netlink::{MAIN_TABLE, Netlink, format_mac};
+use netlink_state::*;
+use serde_json::{Value, json};
+use vpc_cni_tests::fake_ipamd::{Call, FakeIpamd};
+use vpc_cni_tests::netns::{Node, TestNs};
+use vpc_cni_tests::plugin::{Invocation, Output, netconf, plugin_bin, run};
+use vpc_cni_tests::require_root;
+
+mod netlink_state {
+    use super::*;
+    use aws_cni::netlink::NeighbourStateExport as NeighbourState;
+
+    /// What the kernel holds for one pod, read with netlink.
+    #[derive(Debug)]
+    pub struct PodState {
+        pub pod_if_mac: Option<String>,
+        pub pod_addrs: Vec<(Ipv4Addr, u8)>,
+        pub pod_gw_route: bool,
+        pub pod_default_route: bool,
+        pub pod_neigh: Option<(String, bool)>,
+        pub host_veth_mac: Option<String>,
+        pub host_route: bool,
+        pub rule_to: bool,
+        pub rule_from_table: Option<u32>,
+    }
+
+    pub async fn read(node: &Netlink, pod: Option<&Netlink>, veth: &str, ip: Ipv4Addr) -> PodState {
+        let mut s = PodState {
+            pod_if_mac: None,
+            pod_addrs: vec![],
+            pod_gw_route: false,
+            pod_default_route: false,
+            pod_neigh: None,
+            host_veth_mac: None,
+            host_route: false,
+            rule_to: false,
+            rule_from_table: None,
+        };
+        let host_link = node.link(veth).await.unwrap();
+        s.host_veth_mac = host_link.as_ref().map(|l| l.mac_string());
+        if let Some(hl) = &host_link {
+            s.host_route = node.routes().await.unwrap().iter().any(|r| {
+                r.table == MAIN_TABLE && r.dst == ip && r.dst_len == 32 && r.oif == Some(hl.index)
+            });
+        }
+        for r in node.rules().await.unwrap() {
+            if r.priority == 512 && r.to == Some((ip, 32)) && r.table == MAIN_TABLE {
+                s.rule_to = true;
+            }
+            if r.priority == 1536 && r.from == Some((ip, 32)) {
+                s.rule_from_table = Some(r.table);
+            }
+        }
+        if let Some(pod) = pod
+            && let Some(pl) = pod.link("eth0").await.unwrap()
+        {
+            s.pod_if_mac = Some(pl.mac_string());
+            s.pod_addrs = pod.ipv4_addresses(pl.index).await.unwrap();
+            let routes = pod.routes().await.unwrap();
+            s.pod_gw_route = routes.iter().any(|r| {
+                r.table == MAIN_TABLE
+                    && r.dst == GATEWAY
+                    && r.dst_len == 32
+                    && r.gateway.is_none()
+                    && r.oif == Some(pl.index)
+            });
+            s.pod_default_route = routes.iter().any(|r| {
+                r.table == MAIN_TABLE
+                    && r.dst_len == 0
+                    && r.gateway == Some(GATEWAY)
+                    && r.oif == Some(pl.index)
+            });
+            s.pod_neigh = pod
+                .neighbours(pl.index)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|(n, _, _)| *n == GATEWAY)
+                .map(|(_, mac, st)| (format_mac(&mac), st == NeighbourState::Permanent));
+        }
+        s
+    }
+
+    impl PodState {
+        pub fn nothing_left(&self) -> bool {
+            self.pod_if_mac.is_none()
+                && self.host_veth_mac.is_none()
+                && !self.host_route
+                && !self.rule_to
+                && self.rule_from_table.is_none()
+        }
+    }
+}
+
+struct World {
+    node: Node,
+    ipamd: FakeIpamd,
+    log: String,
+    bin: std::path::PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl World {
+    fn new(pool: Vec<(Ipv4Addr, i32)>) -> World {
+        require_root();
+        let ipamd = FakeIpamd::start(pool);
+        let log = ipamd.dir.join("plugin.log").display().to_string();
+        World {
+            node: Node::new("192.168.0.10"),
+            ipamd,
+            log,
+            bin: plugin_bin(false),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn conf(&self, version: &str, extra: &[(&str, Value)]) -> String {
+        netconf(version, &self.ipamd.socket_str(), &self.log, extra)
+    }
+
+    fn run(&self, inv: &Invocation, stdin: &str) -> Output {
+        run(&self.bin, Some(&self.node.ns.path()), inv, stdin)
+    }
+
+    fn state(&self, pod: Option<&TestNs>, veth: &str, ip: Ipv4Addr) -> PodState {
+        self.rt.block_on(async {
+            let node = self.node.ns.netlink();
+            let pod_nl = pod.map(|p| p.netlink());
+            read(&node, pod_nl.as_ref(), veth, ip).await
+        })
+    }
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn add_builds_the_datapath_and_del_removes_it() {
+    let w = World::new(vec![(ip("10.0.1.10"), 0)]);
+    let pod = TestNs::new("pod");
+    let inv = Invocation::new("ADD", "c-add-1", &pod.path(), "default", "nginx");
+    let out = w.run(&inv, &w.conf("1.0.0", &[]));
+    assert!(out.success, "ADD failed: {} {}", out.stdout, out.stderr);
+
+    let veth = host_veth_name("eni", "default", "nginx");
+    let s = w.state(Some(&pod), &veth, ip("10.0.1.10"));
+    assert_eq!(s.pod_addrs, vec![(ip("10.0.1.10"), 32)]);
+    assert!(s.pod_gw_route, "169.254.1.1/32 scope link route: {s:?}");
+    assert!(s.pod_default_route, "default via 169.254.1.1: {s:?}");
+    let host_mac = s.host_veth_mac.clone().expect("host veth exists");
+    assert_eq!(
+        s.pod_neigh,
+        Some((host_mac.clone(), true)),
+        "PERMANENT neighbour -> host veth MAC"
+    );
+    assert!(s.host_route, "host IP/32 route: {s:?}");
+    assert!(s.rule_to, "rule to IP lookup main pref 512: {s:?}");
+    assert_eq!(
+        s.rule_from_table, None,
+        "primary-ENI address has no from-rule"
+    );
+
+    // The 1.0.0 result: MACs on every interface, the address on the sandbox interface.
+    let r = &out.json;
+    assert_eq!(r["cniVersion"], "1.0.0");
+    assert_eq!(r["interfaces"][0]["name"], veth.as_str());
+    assert_eq!(r["interfaces"][0]["mac"], host_mac.as_str());
+    assert_eq!(r["interfaces"][1]["name"], "eth0");
+    assert_eq!(
+        r["interfaces"][1]["mac"],
+        s.pod_if_mac.clone().unwrap().as_str()
+    );
+    assert_eq!(r["interfaces"][1]["sandbox"], pod.path().as_str());
+    assert_eq!(r["ips"][0]["address"], "10.0.1.10/32");
+    assert_eq!(r["ips"][0]["interface"], 1);
+    assert!(r["ips"][0].get("version").is_none());
+
+    // ipamd saw the pod's identity from CNI_ARGS.
+    let calls = w.ipamd.calls();
+    let Call::Add(req) = &calls[0] else {
+        panic!("{calls:?}")
+    };
+    assert_eq!(
+        (req.k8s_pod_namespace.as_str(), req.k8s_pod_name.as_str()),
+        ("default", "nginx")
+    );
+    assert_eq!(req.container_id, "c-add-1");
+    assert_eq!(req.network_name, "aws-cni");
+    assert_eq!(req.netns, pod.path());
+
+    // CHECK with the result passes.
+    let check = w.run(
+        &inv.with_command("CHECK"),
+        &w.conf("1.0.0", &[("prevResult", out.json.clone())]),
+    );
+    assert!(check.success, "CHECK: {}", check.stdout);
+
+    // DEL (first, from StopPodSandbox: netns and prevResult).
+    let del = w.run(
+        &inv.with_command("DEL"),
+        &w.conf("1.0.0", &[("prevResult", out.json.clone())]),
+    );
+    assert!(del.success, "DEL: {}", del.stdout);
+    assert!(del.stdout.is_empty(), "DEL prints nothing: {}", del.stdout);
+    let s = w.state(Some(&pod), &veth, ip("10.0.1.10"));
+    assert!(s.nothing_left(), "left behind: {s:?}");
+    assert_eq!(w.ipamd.assigned_count(), 0);
+
+    // Repeated DEL, then containerd's second DEL: empty CNI_NETNS, no prevResult.
+    assert!(
+        w.run(&inv.with_command("DEL"), &w.conf("1.0.0", &[]))
+            .success
+    );
+    let mut second = inv.with_command("DEL");
+    second.netns = String::new();
+    let out = w.run(&second, &w.conf("1.0.0", &[]));
+    assert!(out.success, "second DEL: {}", out.stdout);
+}
+
+#[test]
+fn secondary_eni_address_gets_its_from_rule() {
+    let w = World::new(vec![(ip("10.0.2.20"), 2)]);
+    let pod = TestNs::new("pod");
+    let inv = Invocation::new("ADD", "c-sec-1", &pod.path(), "kube-system", "coredns-1");
+    let out = w.run(&inv, &w.conf("1.0.0", &[]));
+    assert!(out.success, "{}", out.stdout);
+    let veth = host_veth_name("eni", "kube-system", "coredns-1");
+    let s = w.state(Some(&pod), &veth, ip("10.0.2.20"));
+    assert_eq!(
+        s.rule_from_table,
+        Some(3),
+        "from IP lookup <device number + 1> pref 1536"
+    );
+    assert!(s.rule_to);
+    // ipamd unreachable: DEL tears down from prevResult and still succeeds.
+    let mut ipamd = w.ipamd;
+    ipamd.stop();
+    let w = World { ipamd, ..w };
+    let del = w.run(
+        &inv.with_command("DEL"),
+        &w.conf("1.0.0", &[("prevResult", out.json.clone())]),
+    );
+    assert!(del.success, "DEL with ipamd down: {}", del.stdout);
+    assert!(w.state(Some(&pod), &veth, ip("10.0.2.20")).nothing_left());
+}
+
+#[test]
+fn del_with_ipamd_down_and_no_prev_result_uses_the_netns() {
+    let w = World::new(vec![(ip("10.0.2.21"), 1)]);
+    let pod = TestNs::new("pod");
+    let inv = Invocation::new("ADD", "c-nop-1", &pod.path(), "default", "nop");
+    assert!(w.run(&inv, &w.conf("0.4.0", &[])).success);
+    let mut ipamd = w.ipamd;
+    ipamd.stop();
+    let w = World { ipamd, ..w };
+    let del = w.run(&inv.with_command("DEL"), &w.conf("0.4.0", &[]));
+    assert!(del.success, "{}", del.stdout);
+    let veth = host_veth_name("eni", "default", "nop");
+    assert!(w.state(Some(&pod), &veth, ip("10.0.2.21")).nothing_left());
+}
+
+#[test]
+fn two_pods_reach_each_other_and_the_node() {
+    let w = World::new(vec![(ip("10.0.1.11"), 0), (ip("10.0.3.12"), 1)]);
+    let a = TestNs::new("pod");
+    let b = TestNs::new("pod");
+    let ia = Invocation::new("ADD", "c-ping-a", &a.path(), "default", "ping-a");
+    let ib = Invocation::new("ADD", "c-ping-b", &b.path(), "default", "ping-b");
+    assert!(w.run(&ia, &w.conf("1.0.0", &[])).success);
+    assert!(w.run(&ib, &w.conf("1.0.0", &[])).success);
+    let ping = |ns: &TestNs, dst: &str| ns.try_exec(&["ping", "-c", "1", "-W", "2", dst]);
+    assert!(ping(&a, "10.0.3.12"), "pod a -> pod b");
+    assert!(ping(&b, "10.0.1.11"), "pod b (secondary ENI) -> pod a");
+    assert!(ping(&w.node.ns, "10.0.1.11"), "node -> pod a");
+    assert!(ping(&w.node.ns, "10.0.3.12"), "node -> pod b");
+    assert!(ping(&a, &w.node.primary_ip), "pod a -> node primary IP");
+    for (inv, ns) in [(&ia, &a), (&ib, &b)] {
+        assert!(
+            w.run(&inv.with_command("DEL"), &w.conf("1.0.0", &[]))
+                .success
+        );
+        assert!(
+            !ns.try_exec(&["ip", "link", "show", "eth0"]),
+            "pod eth0 removed"
+        );
+    }
+    assert!(!ping(&w.node.ns, "10.0.1.11"), "no route to a deleted pod");
+}
+
+#[test]
+fn old_versions_get_their_result_shape() {
+    let w = World::new(vec![(ip("10.0.1.30"), 0), (ip("10.0.1.31"), 0)]);
+    for (v, cid) in [("0.3.1", "c-v031"), ("0.4.0", "c-v040")] {
+        let pod = TestNs::new("pod");
+        let inv = Invocation::new("ADD", cid, &pod.path(), "default", cid);
+        let out = w.run(&inv, &w.conf(v, &[]));
+        assert!(out.success, "{v}: {}", out.stdout);
+        assert_eq!(out.json["cniVersion"], v);
+        assert_eq!(out.json["ips"][0]["version"], "4", "{v} has ips[].version");
+        assert!(out.json["interfaces"][0]["mac"].as_str().unwrap().len() == 17);
+        assert!(
+            w.run(
+                &inv.with_command("DEL"),
+                &w.conf(v, &[("prevResult", out.json.clone())])
+            )
+            .success
+        );
+    }
+    // CHECK does not exist before 0.4.0.
+    let pod = TestNs::new("pod");
+    let inv = Invocation::new("CHECK", "c-x", &pod.path(), "default", "x");
+    let out = w.run(&inv, &w.conf("0.3.1", &[("prevResult", json!({}))]));
+    assert_eq!(out.code(), Some(1), "{}", out.stdout);
+}
+
+#[test]
+fn add_appends_to_a_prev_result_in_a_chain() {
+    let w = World::new(vec![(ip("10.0.1.40"), 0)]);
+    let pod = TestNs::new("pod");
+    let prev = json!({"cniVersion":"1.0.0","interfaces":[{"name":"lo","sandbox":pod.path()}],
+                      "ips":[],"dns":{"nameservers":["10.0.0.2"]}});
+    let inv = Invocation::new("ADD", "c-chain", &pod.path(), "default", "chain");
+    let out = w.run(&inv, &w.conf("1.0.0", &[("prevResult", prev)]));
+    assert!(out.success, "{}", out.stdout);
+    assert_eq!(out.json["interfaces"].as_array().unwrap().len(), 3);
+    assert_eq!(out.json["interfaces"][0]["name"], "lo");
+    assert_eq!(out.json["ips"][0]["interface"], 2);
+    assert_eq!(out.json["dns"]["nameservers"][0], "10.0.0.2");
+    assert!(
+        w.run(&inv.with_command("DEL"), &w.conf("1.0.0", &[]))
+            .success
+    );
+}
+
+#[test]
+fn check_reports_a_tampered_datapath() {
+    let w = World::new(vec![(ip("10.0.1.50"), 0)]);
+    let pod = TestNs::new("pod");
+    let inv = Invocation::new("ADD", "c-chk", &pod.path(), "default", "chk");
+    let out = w.run(&inv, &w.conf("1.0.0", &[]));
+    assert!(out.success);
+    let conf = w.conf("1.0.0", &[("prevResult", out.json.clone())]);
+    assert!(w.run(&inv.with_command("CHECK"), &conf).success);
+    pod.exec(&["ip", "neigh", "del", "169.254.1.1", "dev", "eth0"]);
+    let bad = w.run(&inv.with_command("CHECK"), &conf);
+    assert_eq!(bad.code(), Some(102), "{}", bad.stdout);
+    assert!(
+        bad.json["details"]
+            .as_str()
+            .unwrap()
+            .contains("PERMANENT neighbour"),
+        "{}",
+        bad.stdout
+    );
+    let no_prev = w.run(&inv.with_command("CHECK"), &w.conf("1.0.0", &[]));
+    assert_eq!(no_prev.code(), Some(7));
+    assert!(w.run(&inv.with_command("DEL"), &conf).success);
+}
+
+#[test]
+fn repeated_add_for_one_sandbox_is_idempotent() {
+    let w = World::new(vec![(ip("10.0.1.60"), 1), (ip("10.0.1.61"), 1)]);
+    let pod = TestNs::new("pod");
+    let inv = Invocation::new("ADD", "c-twice", &pod.path(), "default", "twice");
+    let first = w.run(&inv, &w.conf("1.0.0", &[]));
+    let second = w.run(&inv, &w.conf("1.0.0", &[]));
+    assert!(
+        first.success && second.success,
+        "{} / {}",
+        first.stdout,
+        second.stdout
+    );
+    assert_eq!(first.json["ips"], second.json["ips"]);
+    assert!(pod.try_exec(&["ping", "-c", "1", "-W", "2", "192.168.0.10"]));
+    assert!(
+        w.run(&inv.with_command("DEL"), &w.conf("1.0.0", &[]))
+            .success
+    );
+    let veth = host_veth_name("eni", "default", "twice");
+    assert!(w.state(Some(&pod), &veth, ip("10.0.1.60")).nothing_left());
+}
+
+#[test]
+fn status_reflects_ipamd_health() {
+    use vpc_cni_proto::health::health_check_response::ServingStatus;
+    let w = World::new(vec![]);
+    let inv = Invocation::new("STATUS", "", "", "", "");
+    let ok = w.run(&inv, &w.conf("1.1.0", &[]));
+    assert!(ok.success, "{}", ok.stdout);
+    w.ipamd.set_health(ServingStatus::NotServing);
+    let busy = w.run(&inv, &w.conf("1.1.0", &[]));
+    assert_eq!(busy.code(), Some(50), "{}", busy.stdout);
+    let mut ipamd = w.ipamd;
+    ipamd.stop();
+    let w = World { ipamd, ..w };
+    let down = w.run(&inv, &w.conf("1.1.0", &[]));
+    assert_eq!(down.code(), Some(50), "{}", down.stdout);
+    assert!(down.msg().contains("unreachable"), "{}", down.msg());
+}
+
+#[test]
+fn gc_releases_what_the_runtime_no_longer_knows() {
+    let w = World::new(vec![(ip("10.0.1.70"), 1), (ip("10.0.1.71"), 1)]);
+    let keep = TestNs::new("pod");
+    let gone = TestNs::new("pod");
+    let ik = Invocation::new("ADD", "c-keep", &keep.path(), "default", "keep");
+    let ig = Invocation::new("ADD", "c-gone", &gone.path(), "default", "gone");
+    assert!(w.run(&ik, &w.conf("1.1.0", &[])).success);
+    assert!(w.run(&ig, &w.conf("1.1.0", &[])).success);
+    drop(gone); // the sandbox vanished without a DEL
+    let gc = Invocation::new("GC", "", "", "", "");
+    let out = w.run(
+        &gc,
+        &w.conf(
+            "1.1.0",
+            &[(
+                "cni.dev/valid-attachments",
+                json!([{"containerID":"c-keep","ifname":"eth0"}]),
+            )],
+        ),
+    );
+    assert!(out.success, "{}", out.stdout);
+    assert_eq!(w.ipamd.assigned_count(), 1);
+    let veth = host_veth_name("eni", "default", "gone");
+    let s = w.state(None, &veth, ip("10.0.1.71"));
+    assert!(
+        !s.rule_to && s.rule_from_table.is_none(),
+        "stale rules removed: {s:?}"
+    );
+    let kept = w.state(
+        Some(&keep),
+        &host_veth_name("eni", "default", "keep"),
+        ip("10.0.1.70"),
+    );
+    assert!(
+        kept.rule_to && kept.host_route,
+        "live pod untouched: {kept:?}"
+    );
+    assert!(
+        w.run(&ik.with_command("DEL"), &w.conf("1.1.0", &[]))
+            .success
+    );
+}
