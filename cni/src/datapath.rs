@@ -254,11 +254,14 @@ pub async fn check(host: &Netlink, pod: &Netlink, spec: &PodSpec) -> NlResult<Ve
 mod tests {
     #[test]
     fn veth_name_matches_upstream() {
-        // sha1("default.nginx") = 2a1f2d1a... ; upstream takes 11 hex characters.
-        let n = super::host_veth_name("eni", "default", "nginx");
-        assert_eq!(n.len(), 14);
-        assert!(n.starts_with("eni"));
-        let digest = sha1_smol::Sha1::from("default.nginx").digest().to_string();
-        assert_eq!(&n[3..], &digest[..11]);
+        // printf 'default.nginx' | sha1sum  ->  c440f455693...
+        assert_eq!(
+            super::host_veth_name("eni", "default", "nginx"),
+            "enic440f455693"
+        );
+        assert_eq!(
+            super::host_veth_name("pod", "default", "nginx"),
+            "podc440f455693"
+        );
     }
 }

@@ -126,11 +126,11 @@ impl CniBackend for Svc {
             success: true,
             ..Default::default()
         };
-        if let Some((ip, dev)) = s.assigned.remove(&key) {
-            if !ip.is_unspecified() {
-                s.free.push_back((ip, dev));
-                reply.ip_allocation_metadata = vec![meta(ip, dev)];
-            }
+        if let Some((ip, dev)) = s.assigned.remove(&key)
+            && !ip.is_unspecified()
+        {
+            s.free.push_back((ip, dev));
+            reply.ip_allocation_metadata = vec![meta(ip, dev)];
         }
         Ok(Response::new(reply))
     }

@@ -94,7 +94,12 @@ pub struct Node {
 
 impl Node {
     pub fn new(primary_ip: &str) -> Node {
-        let ns = TestNs::new("node");
+        Node::tagged("node", primary_ip)
+    }
+
+    /// As [`Node::new`], with the namespace named `<tag>-<pid>-<n>`.
+    pub fn tagged(tag: &str, primary_ip: &str) -> Node {
+        let ns = TestNs::new(tag);
         ns.exec(&[
             "ip",
             "link",
