@@ -1,0 +1,76 @@
+"""Seed the emulator: a VPC, a large subnet tagged for CNI subnet discovery, a deliberately
+small one, a security group and N running instances; points IMDS at the first instance.
+Prints the instance ids, one per line (everything else goes to stderr)."""
+
+import argparse
+import json
+import sys
+import urllib.request
+
+import boto3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="emulator seed", description=__doc__)
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--region", default="us-west-2")
+    ap.add_argument("--type", dest="itype", default="m5.large", help="instance type")
+    ap.add_argument("--count", type=int, default=1)
+    ap.add_argument("--vpc-cidr", default="10.0.0.0/16")
+    ap.add_argument("--subnet-cidr", default="10.0.0.0/20")
+    ap.add_argument("--small-subnet-cidr", default="10.0.16.0/27")
+    ap.add_argument("--imds-delay", type=float, default=0.0, help="IMDS lags EC2 by this many seconds")
+    a = ap.parse_args(argv)
+    if a.count < 1:
+        ap.error("--count must be at least 1")
+
+    ec2 = boto3.client(
+        "ec2",
+        endpoint_url=a.endpoint,
+        region_name=a.region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    az = f"{a.region}a"
+    vpc = ec2.create_vpc(CidrBlock=a.vpc_cidr)["Vpc"]["VpcId"]
+    tag = lambda kind, name, extra=(): [  # noqa: E731
+        {"ResourceType": kind, "Tags": [{"Key": "Name", "Value": name}, *extra]}
+    ]
+    subnet = ec2.create_subnet(
+        VpcId=vpc,
+        CidrBlock=a.subnet_cidr,
+        AvailabilityZone=az,
+        TagSpecifications=tag("subnet", "nodes", [{"Key": "kubernetes.io/role/cni", "Value": "1"}]),
+    )["Subnet"]["SubnetId"]
+    small = ec2.create_subnet(
+        VpcId=vpc, CidrBlock=a.small_subnet_cidr, AvailabilityZone=az, TagSpecifications=tag("subnet", "small")
+    )["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="nodes", Description="nodes", VpcId=vpc)["GroupId"]
+    images = ec2.describe_images(Owners=["amazon"])["Images"]
+    image = images[0]["ImageId"] if images else "ami-12c6146b"
+    res = ec2.run_instances(
+        ImageId=image,
+        InstanceType=a.itype,
+        MinCount=a.count,
+        MaxCount=a.count,
+        SubnetId=subnet,
+        SecurityGroupIds=[sg],
+        Placement={"AvailabilityZone": az},
+    )
+    ids = [i["InstanceId"] for i in res["Instances"]]
+    body = json.dumps({"instance_id": ids[0], "delay_seconds": a.imds_delay, "region": a.region}).encode()
+    req = urllib.request.Request(
+        a.endpoint.rstrip("/") + "/_emulator/imds", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(req, timeout=10).read()
+    print(
+        f"seeded vpc {vpc}, subnet {subnet} ({a.subnet_cidr}), small subnet {small} ({a.small_subnet_cidr}), "
+        f"security group {sg}, {a.count} x {a.itype}; IMDS serves {ids[0]}",
+        file=sys.stderr,
+    )
+    for i in ids:
+        print(i)
+
+
+if __name__ == "__main__":
+    main()
