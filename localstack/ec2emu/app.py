@@ -51,8 +51,8 @@ class EmulatorApp:
         method = environ.get("REQUEST_METHOD", "GET")
         if path.startswith("/latest/"):
             headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items() if k.startswith("HTTP_")}
-            status, ctype, body = imds.handle(method, path, headers)
-            start_response(f"{status} X", [("Content-Type", ctype)])
+            status, ctype, body, *extra = imds.handle(method, path, headers)
+            start_response(f"{status} X", [("Content-Type", ctype), *(extra[0] if extra else [])])
             return [body.encode()]
         if path.startswith("/_emulator/"):
             return self.control(environ, start_response, method, path)

@@ -92,7 +92,7 @@ def _lookup(tree, parts):
 
 
 def handle(method, path, headers):
-    """Returns (status, content_type, body)."""
+    """Returns (status, content_type, body) or (status, content_type, body, extra headers)."""
     if path == "/latest/api/token":
         if method != "PUT":
             return 405, "text/plain", "method not allowed"
@@ -105,7 +105,8 @@ def handle(method, path, headers):
             return 400, "text/plain", "token TTL must be 1..21600"
         tok = secrets.token_urlsafe(32)
         TOKENS[tok] = time.monotonic() + ttl
-        return 200, "text/plain", tok
+        # The real IMDS echoes the TTL; the AWS SDKs refuse a token without it.
+        return 200, "text/plain", tok, [("X-Aws-Ec2-Metadata-Token-Ttl-Seconds", str(ttl))]
     tok = headers.get("X-Aws-Ec2-Metadata-Token")
     if not tok or TOKENS.get(tok, 0) < time.monotonic():
         return 401, "text/plain", "IMDSv2 token missing or expired"

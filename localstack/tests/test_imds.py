@@ -2,6 +2,7 @@
 DescribeNetworkInterfaces, and the optional lag of the real IMDS."""
 
 import time
+import urllib.error
 
 import pytest
 from test_limits import describe, vpc_prefix
@@ -18,6 +19,20 @@ def node(vpc, emulator):
     point_imds(emulator, inst["InstanceId"])
     yield vpc, sub, inst
     point_imds(emulator, inst["InstanceId"], 0.0)
+
+
+def test_token_response_echoes_its_ttl(emulator):
+    import urllib.request
+
+    req = urllib.request.Request(
+        emulator.endpoint + "/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "120"}
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.headers["X-aws-ec2-metadata-token-ttl-seconds"] == "120"
+    bad = urllib.request.Request(emulator.endpoint + "/latest/api/token", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(bad)
+    assert e.value.code == 400
 
 
 def test_token_is_required(node, emulator):
