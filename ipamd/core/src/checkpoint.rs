@@ -1,0 +1,646 @@
+//! The on-disk state that survives a restart, in one place.
+//!
+//! `ipam.json` is upstream's snapshot format (`vpc-cni-ipam/1`), so a node can move
+//! from aws-node to us with every pod keeping its address; we add `cooldowns`, which
+//! upstream ignores. Between snapshots every change is one line appended to
+//! `ipam.json.journal`; a writer thread batches concurrent changes into one write (and
+//! one fdatasync), and an Add or Del is answered only after its line is written. A
+//! snapshot is written atomically (temp file, fsync, rename) and then the journal is
+//! emptied; replaying a journal over a newer snapshot is harmless (the last change to
+//! each key wins), so a kill -9 at any instant loses nothing and doubles nothing.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::datastore::{Assignment, PodRef, SandboxKey};
+
+pub const VERSION: &str = "vpc-cni-ipam/1";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileMetadata {
+    #[serde(
+        rename = "k8sPodNamespace",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub namespace: String,
+    #[serde(
+        rename = "k8sPodName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileAllocation {
+    #[serde(rename = "networkName")]
+    pub network: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    #[serde(rename = "ifName")]
+    pub if_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
+    #[serde(rename = "allocationTimestamp", default)]
+    pub allocation_timestamp: i64,
+    #[serde(default)]
+    pub metadata: FileMetadata,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileCooldown {
+    pub ipv4: String,
+    #[serde(rename = "releasedAt")]
+    pub released_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Snapshot {
+    version: String,
+    allocations: Vec<FileAllocation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cooldowns: Vec<FileCooldown>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum JournalOp {
+    Add(FileAllocation),
+    Del {
+        #[serde(rename = "networkName")]
+        network: String,
+        #[serde(rename = "containerID")]
+        container_id: String,
+        #[serde(rename = "ifName")]
+        if_name: String,
+        ipv4: String,
+        #[serde(rename = "releasedAt")]
+        released_at: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("no checkpoint at {0}")]
+    Missing(PathBuf),
+    #[error("checkpoint {path} is unusable: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot read checkpoint {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Loaded {
+    pub assignments: Vec<Assignment>,
+    pub cooldowns: Vec<(Ipv4Addr, u64)>,
+    /// Lines replayed from the journal.
+    pub journal_ops: usize,
+}
+
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+fn to_assignment(a: &FileAllocation) -> Result<Assignment, String> {
+    let ip: Ipv4Addr = a
+        .ipv4
+        .as_deref()
+        .ok_or_else(|| {
+            format!(
+                "allocation of {} has no ipv4 (IPv6 is not supported)",
+                a.container_id
+            )
+        })?
+        .parse()
+        .map_err(|_| {
+            format!(
+                "allocation of {} has a bad ipv4 {:?}",
+                a.container_id, a.ipv4
+            )
+        })?;
+    Ok(Assignment {
+        key: SandboxKey {
+            network: a.network.clone(),
+            container_id: a.container_id.clone(),
+            if_name: a.if_name.clone(),
+        },
+        ip,
+        eni: String::new(),
+        device_number: 0,
+        assigned_at_ns: a.allocation_timestamp.max(0) as u64,
+        pod: PodRef {
+            namespace: a.metadata.namespace.clone(),
+            name: a.metadata.name.clone(),
+        },
+    })
+}
+
+pub fn to_file(a: &Assignment) -> FileAllocation {
+    FileAllocation {
+        network: a.key.network.clone(),
+        container_id: a.key.container_id.clone(),
+        if_name: a.key.if_name.clone(),
+        ipv4: Some(a.ip.to_string()),
+        ipv6: None,
+        allocation_timestamp: a.assigned_at_ns as i64,
+        metadata: FileMetadata {
+            namespace: a.pod.namespace.clone(),
+            name: a.pod.name.clone(),
+        },
+    }
+}
+
+/// Reads the snapshot (upstream's file or ours) and replays our journal over it.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let corrupt = |reason: String| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let jpath = journal_path(path);
+    let snap = match fs::read(path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(LoadError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
+    };
+    let journal = match fs::read(&jpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(LoadError::Io {
+                path: jpath,
+                source: e,
+            });
+        }
+    };
+    if snap.is_none() && journal.is_empty() {
+        return Err(LoadError::Missing(path.to_path_buf()));
+    }
+    let mut allocs: HashMap<SandboxKey, Assignment> = HashMap::new();
+    let mut cooldowns: HashMap<Ipv4Addr, u64> = HashMap::new();
+    if let Some(bytes) = snap {
+        let s: Snapshot = serde_json::from_slice(&bytes)
+            .map_err(|e| corrupt(format!("not JSON of the expected shape: {e}")))?;
+        if s.version != VERSION {
+            return Err(corrupt(format!(
+                "version {:?}, expected {VERSION:?}",
+                s.version
+            )));
+        }
+        for a in &s.allocations {
+            if a.ipv4.is_none() && a.ipv6.is_some() {
+                return Err(corrupt(format!(
+                    "allocation of {} is IPv6, which this daemon does not serve",
+                    a.container_id
+                )));
+            }
+            let a = to_assignment(a).map_err(corrupt)?;
+            allocs.insert(a.key.clone(), a);
+        }
+        for c in &s.cooldowns {
+            let ip = c
+                .ipv4
+                .parse()
+                .map_err(|_| corrupt(format!("bad cooldown address {:?}", c.ipv4)))?;
+            cooldowns.insert(ip, c.released_at);
+        }
+    }
+    let text = String::from_utf8_lossy(&journal);
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut ops = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        let op: JournalOp = match serde_json::from_str(trimmed) {
+            Ok(op) => op,
+            // Only the very last line may be cut short (a crash mid-write, never answered).
+            Err(_) if i == lines.len() - 1 && !line.ends_with('\n') => break,
+            Err(e) => {
+                return Err(corrupt(format!(
+                    "journal line {} is not a change record: {e}",
+                    i + 1
+                )));
+            }
+        };
+        ops += 1;
+        match op {
+            JournalOp::Add(a) => {
+                let a = to_assignment(&a).map_err(corrupt)?;
+                cooldowns.remove(&a.ip);
+                allocs.insert(a.key.clone(), a);
+            }
+            JournalOp::Del {
+                network,
+                container_id,
+                if_name,
+                ipv4,
+                released_at,
+            } => {
+                let key = SandboxKey {
+                    network,
+                    container_id,
+                    if_name,
+                };
+                allocs.remove(&key);
+                if let Ok(ip) = ipv4.parse() {
+                    cooldowns.insert(ip, released_at);
+                }
+            }
+        }
+    }
+    let mut seen: HashMap<Ipv4Addr, &SandboxKey> = HashMap::new();
+    for a in allocs.values() {
+        if let Some(other) = seen.insert(a.ip, &a.key) {
+            return Err(corrupt(format!(
+                "{} is held by both {} and {}",
+                a.ip, other.container_id, a.key.container_id
+            )));
+        }
+    }
+    for ip in seen.keys() {
+        cooldowns.remove(ip);
+    }
+    let mut assignments: Vec<Assignment> = allocs.into_values().collect();
+    assignments.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut cooldowns: Vec<(Ipv4Addr, u64)> = cooldowns.into_iter().collect();
+    cooldowns.sort();
+    Ok(Loaded {
+        assignments,
+        cooldowns,
+        journal_ops: ops,
+    })
+}
+
+/// Moves an unusable checkpoint (and its journal) aside; returns where it went.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut to = path.as_os_str().to_owned();
+    to.push(format!(".corrupt-{stamp}"));
+    let to = PathBuf::from(to);
+    if path.exists() {
+        fs::rename(path, &to)?;
+    }
+    let j = journal_path(path);
+    if j.exists() {
+        let mut jt = to.as_os_str().to_owned();
+        jt.push(".journal");
+        fs::rename(&j, PathBuf::from(jt))?;
+    }
+    Ok(to)
+}
+
+fn snapshot_bytes(assignments: &[Assignment], cooldowns: &[(Ipv4Addr, u64)]) -> Vec<u8> {
+    let s = Snapshot {
+        version: VERSION.to_string(),
+        allocations: assignments.iter().map(to_file).collect(),
+        cooldowns: cooldowns
+            .iter()
+            .map(|(ip, t)| FileCooldown {
+                ipv4: ip.to_string(),
+                released_at: *t,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&s).expect("serialisable")
+}
+
+/// Writes a snapshot atomically: a reader sees the old file or the new one, never half.
+pub fn write_snapshot(
+    path: &Path,
+    assignments: &[Assignment],
+    cooldowns: &[(Ipv4Addr, u64)],
+    sync: bool,
+) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&snapshot_bytes(assignments, cooldowns))?;
+        if sync {
+            f.sync_all()?;
+        }
+    }
+    fs::rename(&tmp, path)?;
+    if sync && let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+enum Msg {
+    Line(Vec<u8>, oneshot::Sender<io::Result<()>>),
+    Compact {
+        assignments: Vec<Assignment>,
+        cooldowns: Vec<(Ipv4Addr, u64)>,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// The journal writer. Clone freely; all clones feed one writer thread.
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::Sender<Msg>,
+}
+
+/// A change enqueued in order; await it before answering the client.
+pub struct Pending(oneshot::Receiver<io::Result<()>>);
+
+impl Pending {
+    pub async fn durable(self) -> io::Result<()> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("checkpoint writer stopped")))
+    }
+}
+
+impl Journal {
+    /// Starts the writer for the checkpoint at `path`. `sync` adds fdatasync per batch
+    /// (needed on a disk; on tmpfs, where /var/run lives, a write is already durable
+    /// against a crash of the daemon).
+    pub fn start(path: &Path, sync: bool) -> io::Result<Journal> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let jpath = journal_path(path);
+        let mut file = OpenOptions::new().create(true).append(true).open(&jpath)?;
+        let snap_path = path.to_path_buf();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let flush =
+                    |file: &mut File,
+                     buf: &mut Vec<u8>,
+                     acks: &mut Vec<oneshot::Sender<io::Result<()>>>| {
+                        let r = (|| {
+                            if !buf.is_empty() {
+                                file.write_all(buf)?;
+                                if sync {
+                                    file.sync_data()?;
+                                }
+                            }
+                            Ok::<(), io::Error>(())
+                        })();
+                        for a in acks.drain(..) {
+                            let _ = a.send(
+                                r.as_ref()
+                                    .map(|_| ())
+                                    .map_err(|e| io::Error::new(e.kind(), e.to_string())),
+                            );
+                        }
+                        buf.clear();
+                    };
+                while let Ok(first) = rx.recv() {
+                    // Group commit: everything queued meanwhile goes out in one write.
+                    let mut batch = vec![first];
+                    while let Ok(m) = rx.try_recv() {
+                        batch.push(m);
+                    }
+                    let mut buf = Vec::new();
+                    let mut acks = Vec::new();
+                    for m in batch {
+                        match m {
+                            Msg::Line(l, ack) => {
+                                buf.extend_from_slice(&l);
+                                acks.push(ack);
+                            }
+                            Msg::Compact {
+                                assignments,
+                                cooldowns,
+                                done,
+                            } => {
+                                // Lines queued before the snapshot are in it; write them first
+                                // so the order holds however the compaction ends.
+                                flush(&mut file, &mut buf, &mut acks);
+                                let r = write_snapshot(&snap_path, &assignments, &cooldowns, sync)
+                                    .and_then(|_| {
+                                        file.set_len(0)?;
+                                        if sync {
+                                            file.sync_data()?;
+                                        }
+                                        Ok(())
+                                    });
+                                let _ = done.send(r);
+                            }
+                        }
+                    }
+                    flush(&mut file, &mut buf, &mut acks);
+                }
+            })?;
+        Ok(Journal { tx })
+    }
+
+    fn send_line(&self, op: &JournalOp) -> Pending {
+        let (ack, rx) = oneshot::channel();
+        let mut line = serde_json::to_vec(op).expect("serialisable");
+        line.push(b'\n');
+        if self.tx.send(Msg::Line(line, ack)).is_err() {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(io::Error::other("checkpoint writer stopped")));
+            return Pending(rx);
+        }
+        Pending(rx)
+    }
+
+    /// Records an assignment. Call under the datastore lock, so the journal's order is
+    /// the datastore's; await the result outside it.
+    pub fn record_add(&self, a: &Assignment) -> Pending {
+        self.send_line(&JournalOp::Add(to_file(a)))
+    }
+
+    pub fn record_del(&self, a: &Assignment, released_ns: u64) -> Pending {
+        self.send_line(&JournalOp::Del {
+            network: a.key.network.clone(),
+            container_id: a.key.container_id.clone(),
+            if_name: a.key.if_name.clone(),
+            ipv4: a.ip.to_string(),
+            released_at: released_ns,
+        })
+    }
+
+    /// Writes a snapshot of this state and empties the journal (call under the lock
+    /// with the datastore's current state; await outside it).
+    pub fn compact(
+        &self,
+        assignments: Vec<Assignment>,
+        cooldowns: Vec<(Ipv4Addr, u64)>,
+    ) -> Pending {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Compact {
+            assignments,
+            cooldowns,
+            done,
+        });
+        Pending(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(c: &str, ip: &str) -> Assignment {
+        Assignment {
+            key: SandboxKey {
+                network: "aws-cni".into(),
+                container_id: c.into(),
+                if_name: "eth0".into(),
+            },
+            ip: ip.parse().unwrap(),
+            eni: String::new(),
+            device_number: 0,
+            assigned_at_ns: 1_700_000_000_000_000_000,
+            pod: PodRef {
+                namespace: "default".into(),
+                name: format!("pod-{c}"),
+            },
+        }
+    }
+
+    #[test]
+    fn reads_upstream_aws_node_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        // As aws-node v1.23 writes it.
+        fs::write(
+            &p,
+            r#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":"3e1b","ifName":"eth0","ipv4":"192.168.9.71","allocationTimestamp":1716812345123456789,"metadata":{"k8sPodNamespace":"kube-system","k8sPodName":"coredns-5d8f"}},{"networkName":"aws-cni","containerID":"77aa","ifName":"eth0","ipv4":"192.168.9.12","allocationTimestamp":1716812399000000000}]}"#,
+        )
+        .unwrap();
+        let l = load(&p).unwrap();
+        assert_eq!(l.assignments.len(), 2);
+        let c = l
+            .assignments
+            .iter()
+            .find(|x| x.key.container_id == "3e1b")
+            .unwrap();
+        assert_eq!(c.ip.to_string(), "192.168.9.71");
+        assert_eq!(c.pod.name, "coredns-5d8f");
+        assert_eq!(c.assigned_at_ns, 1716812345123456789);
+    }
+
+    #[tokio::test]
+    async fn journal_replay_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        let j = Journal::start(&p, true).unwrap();
+        j.record_add(&a("c1", "10.0.0.5")).durable().await.unwrap();
+        j.record_add(&a("c2", "10.0.0.6")).durable().await.unwrap();
+        j.record_del(&a("c1", "10.0.0.5"), 42)
+            .durable()
+            .await
+            .unwrap();
+        let l = load(&p).unwrap();
+        assert_eq!(l.assignments, vec![a("c2", "10.0.0.6")]);
+        assert_eq!(l.cooldowns, vec![("10.0.0.5".parse().unwrap(), 42)]);
+        assert_eq!(l.journal_ops, 3);
+        j.compact(l.assignments.clone(), l.cooldowns.clone())
+            .durable()
+            .await
+            .unwrap();
+        assert_eq!(fs::metadata(journal_path(&p)).unwrap().len(), 0);
+        let again = load(&p).unwrap();
+        assert_eq!(
+            (again.assignments, again.cooldowns),
+            (l.assignments, l.cooldowns)
+        );
+        // The snapshot stays readable by upstream's shape.
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        assert_eq!(v["version"], VERSION);
+        assert_eq!(v["allocations"][0]["containerID"], "c2");
+        assert_eq!(v["allocations"][0]["metadata"]["k8sPodName"], "pod-c2");
+    }
+
+    #[tokio::test]
+    async fn lines_after_a_compaction_in_one_batch_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        let j = Journal::start(&p, false).unwrap();
+        let p1 = j.record_add(&a("c1", "10.0.0.5"));
+        let p2 = j.compact(vec![a("c1", "10.0.0.5")], vec![]);
+        let p3 = j.record_add(&a("c2", "10.0.0.6"));
+        p1.durable().await.unwrap();
+        p2.durable().await.unwrap();
+        p3.durable().await.unwrap();
+        assert_eq!(
+            load(&p).unwrap().assignments,
+            vec![a("c1", "10.0.0.5"), a("c2", "10.0.0.6")]
+        );
+    }
+
+    #[test]
+    fn stale_journal_over_newer_snapshot_converges() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        // Crash after the snapshot rename, before the journal was emptied.
+        write_snapshot(&p, &[a("c1", "10.0.0.7")], &[], false).unwrap();
+        let lines = [
+            serde_json::to_string(&JournalOp::Add(to_file(&a("c1", "10.0.0.5")))).unwrap(),
+            serde_json::to_string(&JournalOp::Del {
+                network: "aws-cni".into(),
+                container_id: "c1".into(),
+                if_name: "eth0".into(),
+                ipv4: "10.0.0.5".into(),
+                released_at: 1,
+            })
+            .unwrap(),
+            serde_json::to_string(&JournalOp::Add(to_file(&a("c1", "10.0.0.7")))).unwrap(),
+        ];
+        fs::write(journal_path(&p), lines.join("\n") + "\n").unwrap();
+        let l = load(&p).unwrap();
+        assert_eq!(l.assignments, vec![a("c1", "10.0.0.7")]);
+    }
+
+    #[test]
+    fn torn_last_line_is_ignored_but_a_bad_middle_line_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        let good = serde_json::to_string(&JournalOp::Add(to_file(&a("c1", "10.0.0.5")))).unwrap();
+        fs::write(journal_path(&p), format!("{good}\n{{\"op\":\"add\",\"netw")).unwrap();
+        assert_eq!(load(&p).unwrap().assignments.len(), 1);
+        fs::write(journal_path(&p), format!("garbage\n{good}\n")).unwrap();
+        assert!(matches!(load(&p), Err(LoadError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn corrupt_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        assert!(matches!(load(&p), Err(LoadError::Missing(_))));
+        fs::write(&p, b"{\"version\":\"vpc-cni-ipam/1\",\"allocations\":[").unwrap();
+        let e = load(&p).unwrap_err();
+        assert!(e.to_string().contains("ipam.json"), "{e}");
+        fs::write(&p, br#"{"version":"vpc-cni-ipam/9","allocations":[]}"#).unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("vpc-cni-ipam/9"));
+        let to = set_aside(&p).unwrap();
+        assert!(to.exists() && !p.exists());
+        // Two keys holding one address is corruption, not something to serve.
+        write_snapshot(&p, &[a("c1", "10.0.0.5"), a("c2", "10.0.0.5")], &[], false).unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("held by both"));
+    }
+}

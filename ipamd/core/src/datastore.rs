@@ -1,0 +1,655 @@
+//! The datastore: the node's ENIs, the secondary IPs and /28 prefixes they hold for
+//! pods, and which sandbox holds which address. Assign and release are O(1); the
+//! caller holds its lock only around these calls, never across I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::Ipv4Net;
+
+pub type EniId = String;
+
+/// An assignment's key, as upstream keys it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SandboxKey {
+    pub network: String,
+    pub container_id: String,
+    pub if_name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub key: SandboxKey,
+    pub ip: Ipv4Addr,
+    pub eni: EniId,
+    pub device_number: u32,
+    /// Nanoseconds since the Unix epoch.
+    pub assigned_at_ns: u64,
+    pub pod: PodRef,
+}
+
+#[derive(Clone, Debug)]
+pub struct Eni {
+    pub id: EniId,
+    pub mac: String,
+    pub device_number: u32,
+    pub is_primary: bool,
+    pub subnet_id: String,
+    pub subnet_cidr: Ipv4Net,
+    pub primary_ip: Ipv4Addr,
+    pub first_seen: Instant,
+    /// Secondary IPs held for pods.
+    pub ips: BTreeSet<Ipv4Addr>,
+    /// /28 prefixes held for pods (prefix delegation).
+    pub prefixes: BTreeSet<Ipv4Net>,
+}
+
+impl Eni {
+    /// Address slots the ENI uses for pods (a prefix takes one slot).
+    pub fn slots_used(&self) -> u32 {
+        (self.ips.len() + self.prefixes.len()) as u32
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Slot {
+    Free,
+    Assigned {
+        key: SandboxKey,
+        at_ns: u64,
+        pod: PodRef,
+    },
+    Cooldown {
+        released_ns: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("no free address on this node")]
+    NoFreeAddress,
+    #[error("unknown ENI {0}")]
+    UnknownEni(EniId),
+    #[error("{0} is assigned to a pod")]
+    InUse(String),
+    #[error("{0} is already held by ENI {1}")]
+    Duplicate(Ipv4Addr, EniId),
+}
+
+/// Free addresses with O(1) pop and O(1) removal of a given one.
+#[derive(Default, Debug)]
+struct FreeList {
+    items: Vec<Ipv4Addr>,
+    pos: HashMap<Ipv4Addr, usize>,
+}
+
+impl FreeList {
+    fn push(&mut self, ip: Ipv4Addr) {
+        if self.pos.contains_key(&ip) {
+            return;
+        }
+        self.pos.insert(ip, self.items.len());
+        self.items.push(ip);
+    }
+
+    fn pop(&mut self) -> Option<Ipv4Addr> {
+        let ip = self.items.pop()?;
+        self.pos.remove(&ip);
+        Some(ip)
+    }
+
+    fn remove(&mut self, ip: Ipv4Addr) -> bool {
+        let Some(i) = self.pos.remove(&ip) else {
+            return false;
+        };
+        let last = self.items.pop().expect("non-empty");
+        if i < self.items.len() {
+            self.items[i] = last;
+            self.pos.insert(last, i);
+        }
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+}
+
+#[derive(Debug)]
+pub struct Datastore {
+    enis: BTreeMap<EniId, Eni>,
+    addrs: HashMap<Ipv4Addr, (EniId, Slot)>,
+    by_key: HashMap<SandboxKey, Ipv4Addr>,
+    free: FreeList,
+    cooldown: VecDeque<(u64, Ipv4Addr)>,
+    cooldown_ns: u64,
+    in_cooldown: u32,
+    /// Assignments restored from a checkpoint whose address no ENI holds (yet).
+    orphans: HashMap<SandboxKey, Assignment>,
+}
+
+impl Datastore {
+    pub fn new(cooldown: Duration) -> Self {
+        Datastore {
+            enis: BTreeMap::new(),
+            addrs: HashMap::new(),
+            by_key: HashMap::new(),
+            free: FreeList::default(),
+            cooldown: VecDeque::new(),
+            cooldown_ns: cooldown.as_nanos() as u64,
+            in_cooldown: 0,
+            orphans: HashMap::new(),
+        }
+    }
+
+    pub fn add_eni(&mut self, eni: Eni) {
+        let id = eni.id.clone();
+        let ips: Vec<_> = eni.ips.iter().copied().collect();
+        let prefixes: Vec<_> = eni.prefixes.iter().copied().collect();
+        let mut bare = eni;
+        bare.ips.clear();
+        bare.prefixes.clear();
+        self.enis.entry(id.clone()).or_insert(bare);
+        let _ = self.add_ips(&id, &ips);
+        for p in prefixes {
+            let _ = self.add_prefix(&id, p);
+        }
+    }
+
+    pub fn eni(&self, id: &str) -> Option<&Eni> {
+        self.enis.get(id)
+    }
+
+    pub fn enis(&self) -> impl Iterator<Item = &Eni> {
+        self.enis.values()
+    }
+
+    fn insert_addr(&mut self, eni: &str, ip: Ipv4Addr) -> Result<(), StoreError> {
+        if let Some((owner, _)) = self.addrs.get(&ip) {
+            if owner == eni {
+                return Ok(());
+            }
+            return Err(StoreError::Duplicate(ip, owner.clone()));
+        }
+        // An assignment restored before its ENI was known is adopted here.
+        let adopt = self
+            .orphans
+            .iter()
+            .find(|(_, a)| a.ip == ip)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = adopt {
+            let a = self.orphans.remove(&k).expect("present");
+            self.addrs.insert(
+                ip,
+                (
+                    eni.to_string(),
+                    Slot::Assigned {
+                        key: k.clone(),
+                        at_ns: a.assigned_at_ns,
+                        pod: a.pod,
+                    },
+                ),
+            );
+            self.by_key.insert(k, ip);
+        } else {
+            self.addrs.insert(ip, (eni.to_string(), Slot::Free));
+            self.free.push(ip);
+        }
+        Ok(())
+    }
+
+    pub fn add_ips(&mut self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), StoreError> {
+        if !self.enis.contains_key(eni) {
+            return Err(StoreError::UnknownEni(eni.to_string()));
+        }
+        for ip in ips {
+            self.insert_addr(eni, *ip)?;
+            self.enis.get_mut(eni).expect("checked").ips.insert(*ip);
+        }
+        Ok(())
+    }
+
+    pub fn add_prefix(&mut self, eni: &str, prefix: Ipv4Net) -> Result<(), StoreError> {
+        if !self.enis.contains_key(eni) {
+            return Err(StoreError::UnknownEni(eni.to_string()));
+        }
+        for ip in prefix.addresses() {
+            self.insert_addr(eni, ip)?;
+        }
+        self.enis
+            .get_mut(eni)
+            .expect("checked")
+            .prefixes
+            .insert(prefix);
+        Ok(())
+    }
+
+    fn ensure_unused(&self, ip: Ipv4Addr) -> Result<(), StoreError> {
+        match self.addrs.get(&ip) {
+            Some((_, Slot::Assigned { key, .. })) => {
+                Err(StoreError::InUse(format!("{ip} ({})", key.container_id)))
+            }
+            Some((_, Slot::Cooldown { .. })) => {
+                Err(StoreError::InUse(format!("{ip} (cooling down)")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn drop_addr(&mut self, ip: Ipv4Addr) {
+        if self.addrs.remove(&ip).is_some() {
+            self.free.remove(ip);
+        }
+    }
+
+    /// Removes free secondary IPs (before they go back to EC2). Fails, removing nothing,
+    /// if any is assigned or cooling down.
+    pub fn remove_ips(&mut self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), StoreError> {
+        for ip in ips {
+            self.ensure_unused(*ip)?;
+        }
+        for ip in ips {
+            self.drop_addr(*ip);
+            if let Some(e) = self.enis.get_mut(eni) {
+                e.ips.remove(ip);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_prefix(&mut self, eni: &str, prefix: Ipv4Net) -> Result<(), StoreError> {
+        for ip in prefix.addresses() {
+            self.ensure_unused(ip)?;
+        }
+        for ip in prefix.addresses() {
+            self.drop_addr(ip);
+        }
+        if let Some(e) = self.enis.get_mut(eni) {
+            e.prefixes.remove(&prefix);
+        }
+        Ok(())
+    }
+
+    /// Forgets an ENI whose addresses are all unused (before it is detached).
+    pub fn remove_eni(&mut self, eni: &str) -> Result<Eni, StoreError> {
+        let e = self
+            .enis
+            .get(eni)
+            .ok_or_else(|| StoreError::UnknownEni(eni.to_string()))?;
+        let all: Vec<Ipv4Addr> = e
+            .ips
+            .iter()
+            .copied()
+            .chain(e.prefixes.iter().flat_map(|p| p.addresses()))
+            .collect();
+        for ip in &all {
+            self.ensure_unused(*ip)?;
+        }
+        for ip in all {
+            self.drop_addr(ip);
+        }
+        Ok(self.enis.remove(eni).expect("checked"))
+    }
+
+    /// Moves addresses whose cooldown has passed back to the free list.
+    fn promote_cooled(&mut self, now_ns: u64) {
+        while let Some(&(at, ip)) = self.cooldown.front() {
+            if at.saturating_add(self.cooldown_ns) > now_ns {
+                break;
+            }
+            self.cooldown.pop_front();
+            if let Some((_, slot)) = self.addrs.get_mut(&ip)
+                && matches!(slot, Slot::Cooldown { released_ns } if *released_ns == at)
+            {
+                *slot = Slot::Free;
+                self.in_cooldown -= 1;
+                self.free.push(ip);
+            }
+        }
+    }
+
+    fn assignment_of(&self, ip: Ipv4Addr) -> Option<Assignment> {
+        let (eni, slot) = self.addrs.get(&ip)?;
+        let Slot::Assigned { key, at_ns, pod } = slot else {
+            return None;
+        };
+        Some(Assignment {
+            key: key.clone(),
+            ip,
+            eni: eni.clone(),
+            device_number: self.enis.get(eni).map(|e| e.device_number).unwrap_or(0),
+            assigned_at_ns: *at_ns,
+            pod: pod.clone(),
+        })
+    }
+
+    pub fn get(&self, key: &SandboxKey) -> Option<Assignment> {
+        self.assignment_of(*self.by_key.get(key)?)
+    }
+
+    /// Gives `key` an address. A key that already has one gets the same one back
+    /// (the runtime may repeat ADD). Second return: whether this was a new assignment.
+    pub fn assign(
+        &mut self,
+        key: &SandboxKey,
+        pod: &PodRef,
+        now_ns: u64,
+    ) -> Result<(Assignment, bool), StoreError> {
+        if let Some(a) = self.get(key) {
+            return Ok((a, false));
+        }
+        self.promote_cooled(now_ns);
+        let ip = self.free.pop().ok_or(StoreError::NoFreeAddress)?;
+        let (_, slot) = self.addrs.get_mut(&ip).expect("free addresses are known");
+        *slot = Slot::Assigned {
+            key: key.clone(),
+            at_ns: now_ns,
+            pod: pod.clone(),
+        };
+        self.by_key.insert(key.clone(), ip);
+        Ok((self.assignment_of(ip).expect("just assigned"), true))
+    }
+
+    /// Releases `key`'s address into cooldown. `None` if the key holds nothing.
+    pub fn release(&mut self, key: &SandboxKey, now_ns: u64) -> Option<Assignment> {
+        if let Some(orphan) = self.orphans.remove(key) {
+            return Some(orphan);
+        }
+        let ip = self.by_key.remove(key)?;
+        let a = self.assignment_of(ip)?;
+        let (_, slot) = self
+            .addrs
+            .get_mut(&ip)
+            .expect("assigned addresses are known");
+        *slot = Slot::Cooldown {
+            released_ns: now_ns,
+        };
+        self.in_cooldown += 1;
+        self.cooldown.push_back((now_ns, ip));
+        Some(a)
+    }
+
+    /// Restores an assignment from a checkpoint (address maybe not on a known ENI yet).
+    pub fn restore(&mut self, a: Assignment) {
+        if let Some((eni, slot)) = self.addrs.get_mut(&a.ip) {
+            if matches!(slot, Slot::Free) {
+                self.free.remove(a.ip);
+            } else if matches!(slot, Slot::Cooldown { .. }) {
+                self.in_cooldown -= 1;
+            }
+            *slot = Slot::Assigned {
+                key: a.key.clone(),
+                at_ns: a.assigned_at_ns,
+                pod: a.pod.clone(),
+            };
+            let _ = eni;
+            self.by_key.insert(a.key, a.ip);
+        } else {
+            self.orphans.insert(a.key.clone(), a);
+        }
+    }
+
+    /// Restores a persisted cooldown (restart keeps released addresses out of use).
+    pub fn restore_cooldown(&mut self, ip: Ipv4Addr, released_ns: u64) {
+        if let Some((_, slot)) = self.addrs.get_mut(&ip)
+            && matches!(slot, Slot::Free)
+        {
+            *slot = Slot::Cooldown { released_ns };
+            self.free.remove(ip);
+            self.in_cooldown += 1;
+            let pos = self.cooldown.partition_point(|(t, _)| *t <= released_ns);
+            self.cooldown.insert(pos, (released_ns, ip));
+        }
+    }
+
+    pub fn assignments(&self) -> Vec<Assignment> {
+        let mut v: Vec<Assignment> = self
+            .by_key
+            .values()
+            .filter_map(|ip| self.assignment_of(*ip))
+            .chain(self.orphans.values().cloned())
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// (ip, released_ns) of every address cooling down.
+    pub fn cooldowns(&self) -> Vec<(Ipv4Addr, u64)> {
+        self.addrs
+            .iter()
+            .filter_map(|(ip, (_, s))| match s {
+                Slot::Cooldown { released_ns } => Some((*ip, *released_ns)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.len()
+    }
+
+    /// (total, assigned, cooldown, assignable now) over addresses held for pods.
+    pub fn counts(&mut self, now_ns: u64) -> (u32, u32, u32, u32) {
+        self.promote_cooled(now_ns);
+        (
+            self.addrs.len() as u32,
+            self.by_key.len() as u32,
+            self.in_cooldown,
+            self.free.len() as u32,
+        )
+    }
+
+    /// Up to `n` free secondary IPs to hand back to EC2, from the highest device numbers first.
+    pub fn releasable_ips(&self, n: u32) -> Vec<(EniId, Ipv4Addr)> {
+        let mut out = Vec::new();
+        let mut enis: Vec<&Eni> = self.enis.values().collect();
+        enis.sort_by_key(|e| std::cmp::Reverse(e.device_number));
+        for e in enis {
+            for ip in &e.ips {
+                if out.len() as u32 >= n {
+                    return out;
+                }
+                if matches!(self.addrs.get(ip), Some((_, Slot::Free))) {
+                    out.push((e.id.clone(), *ip));
+                }
+            }
+        }
+        out
+    }
+
+    /// Up to `n` prefixes none of whose addresses is in use.
+    pub fn releasable_prefixes(&self, n: u32) -> Vec<(EniId, Ipv4Net)> {
+        let mut out = Vec::new();
+        for e in self.enis.values().rev() {
+            for p in &e.prefixes {
+                if out.len() as u32 >= n {
+                    return out;
+                }
+                if p.addresses()
+                    .all(|ip| matches!(self.addrs.get(&ip), Some((_, Slot::Free))))
+                {
+                    out.push((e.id.clone(), *p));
+                }
+            }
+        }
+        out
+    }
+
+    /// An ENI that may be freed: not primary, seen at least `min_age` ago, and none of
+    /// its addresses assigned or cooling down.
+    pub fn freeable_eni(&self, min_age: Duration, now: Instant) -> Option<EniId> {
+        self.enis
+            .values()
+            .rev()
+            .find(|e| {
+                !e.is_primary
+                    && now.duration_since(e.first_seen) >= min_age
+                    && e.ips
+                        .iter()
+                        .copied()
+                        .chain(e.prefixes.iter().flat_map(|p| p.addresses()))
+                        .all(|ip| matches!(self.addrs.get(&ip), Some((_, Slot::Free)) | None))
+            })
+            .map(|e| e.id.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::parse_cidr;
+
+    fn eni(id: &str, dev: u32, ips: &[&str]) -> Eni {
+        Eni {
+            id: id.into(),
+            mac: format!("02:00:00:00:00:{dev:02x}"),
+            device_number: dev,
+            is_primary: dev == 0,
+            subnet_id: "subnet-1".into(),
+            subnet_cidr: parse_cidr("10.0.0.0/24").unwrap(),
+            primary_ip: format!("10.0.0.{}", 100 + dev).parse().unwrap(),
+            first_seen: Instant::now(),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            prefixes: BTreeSet::new(),
+        }
+    }
+
+    fn key(c: &str) -> SandboxKey {
+        SandboxKey {
+            network: "aws-cni".into(),
+            container_id: c.into(),
+            if_name: "eth0".into(),
+        }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn assign_is_idempotent_and_unique() {
+        let mut d = Datastore::new(Duration::from_secs(30));
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1", "10.0.0.2"]));
+        let (a, new) = d.assign(&key("c1"), &PodRef::default(), S).unwrap();
+        assert!(new);
+        let (again, new2) = d.assign(&key("c1"), &PodRef::default(), 2 * S).unwrap();
+        assert!(!new2);
+        assert_eq!(a.ip, again.ip);
+        let (b, _) = d.assign(&key("c2"), &PodRef::default(), S).unwrap();
+        assert_ne!(a.ip, b.ip);
+        assert_eq!(
+            d.assign(&key("c3"), &PodRef::default(), S),
+            Err(StoreError::NoFreeAddress)
+        );
+    }
+
+    #[test]
+    fn cooldown_keeps_a_released_address_out_of_use() {
+        let mut d = Datastore::new(Duration::from_secs(30));
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1"]));
+        let (a, _) = d.assign(&key("c1"), &PodRef::default(), 0).unwrap();
+        assert_eq!(d.release(&key("c1"), 10 * S).map(|r| r.ip), Some(a.ip));
+        assert!(
+            d.release(&key("c1"), 10 * S).is_none(),
+            "second release holds nothing"
+        );
+        assert_eq!(d.counts(11 * S), (1, 0, 1, 0));
+        assert_eq!(
+            d.assign(&key("c2"), &PodRef::default(), 39 * S),
+            Err(StoreError::NoFreeAddress)
+        );
+        let (b, _) = d.assign(&key("c2"), &PodRef::default(), 40 * S).unwrap();
+        assert_eq!(b.ip, a.ip);
+    }
+
+    #[test]
+    fn restore_and_orphans() {
+        let mut d = Datastore::new(Duration::from_secs(30));
+        let a = Assignment {
+            key: key("c1"),
+            ip: "10.0.0.9".parse().unwrap(),
+            eni: String::new(),
+            device_number: 0,
+            assigned_at_ns: 5,
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: "p".into(),
+            },
+        };
+        d.restore(a.clone());
+        assert_eq!(d.orphan_count(), 1);
+        // The ENI shows up later with the address: the assignment is adopted, not freed.
+        d.add_eni(eni("eni-1", 1, &["10.0.0.9", "10.0.0.10"]));
+        assert_eq!(d.orphan_count(), 0);
+        let got = d.get(&key("c1")).unwrap();
+        assert_eq!(
+            (got.ip, got.device_number, got.pod.name.as_str()),
+            (a.ip, 1, "p")
+        );
+        let (b, _) = d.assign(&key("c2"), &PodRef::default(), S).unwrap();
+        assert_eq!(b.ip.to_string(), "10.0.0.10");
+        d.restore_cooldown("10.0.0.10".parse().unwrap(), 0);
+    }
+
+    #[test]
+    fn removal_refuses_addresses_in_use() {
+        let mut d = Datastore::new(Duration::from_secs(30));
+        d.add_eni(eni("eni-0", 0, &[]));
+        d.add_eni(eni("eni-1", 1, &["10.0.0.1", "10.0.0.2"]));
+        let (a, _) = d.assign(&key("c1"), &PodRef::default(), 0).unwrap();
+        assert!(matches!(
+            d.remove_ips("eni-1", &[a.ip]),
+            Err(StoreError::InUse(_))
+        ));
+        assert!(d.remove_eni("eni-1").is_err());
+        assert_eq!(d.freeable_eni(Duration::ZERO, Instant::now()), None);
+        let other = d.releasable_ips(5);
+        assert_eq!(other.len(), 1);
+        assert_ne!(other[0].1, a.ip);
+        d.release(&key("c1"), 0);
+        assert!(d.remove_eni("eni-1").is_err(), "cooling down");
+        d.counts(31 * S);
+        assert_eq!(
+            d.freeable_eni(Duration::ZERO, Instant::now()),
+            Some("eni-1".to_string())
+        );
+        d.remove_eni("eni-1").unwrap();
+        assert_eq!(d.counts(31 * S).0, 0);
+    }
+
+    #[test]
+    fn prefixes_hold_16_addresses() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-0", 0, &[]));
+        let p = parse_cidr("10.0.0.16/28").unwrap();
+        d.add_prefix("eni-0", p).unwrap();
+        assert_eq!(d.counts(0).0, 16);
+        let (a, _) = d.assign(&key("c1"), &PodRef::default(), 0).unwrap();
+        assert!(p.contains(a.ip));
+        assert!(d.releasable_prefixes(1).is_empty());
+        assert!(d.remove_prefix("eni-0", p).is_err());
+        d.release(&key("c1"), 0);
+        d.counts(1);
+        assert_eq!(d.releasable_prefixes(1), vec![("eni-0".to_string(), p)]);
+        d.remove_prefix("eni-0", p).unwrap();
+        assert_eq!(d.counts(1).0, 0);
+    }
+
+    #[test]
+    fn an_address_is_held_by_one_eni_only() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1"]));
+        d.add_eni(eni("eni-1", 1, &[]));
+        assert!(matches!(
+            d.add_ips("eni-1", &["10.0.0.1".parse().unwrap()]),
+            Err(StoreError::Duplicate(..))
+        ));
+    }
+}

@@ -1,0 +1,10 @@
+//! ipamd's core, free of the AWS SDK so it builds and tests quickly: the knobs, the
+//! datastore, the checkpoint, the warm-pool policy, and the gRPC server. EC2 and IMDS
+//! are traits (`cloud`), implemented with the SDK in the `ipamd` crate.
+#![forbid(unsafe_code)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod datastore;
+pub mod net;
+pub mod pool;
