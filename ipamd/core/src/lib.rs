@@ -3,8 +3,12 @@
 //! are traits (`cloud`), implemented with the SDK in the `ipamd` crate.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod checkpoint;
+pub mod cloud;
 pub mod config;
 pub mod datastore;
 pub mod net;
+pub mod node;
 pub mod pool;
+pub mod server;

@@ -1,0 +1,302 @@
+//! Every EC2 call goes through a client-side budget: token buckets per call family,
+//! metered as EC2 meters an account (mutating calls 100 burst / 5 per s, ENI
+//! lifecycle 50 / 5 per s, describes 100 / 20 per s), exponential backoff with jitter
+//! on throttling, and a count of every call and error per action.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::cloud::{CloudResult, Ec2, EniInfo, NewEni};
+use crate::net::Ipv4Net;
+use crate::pool::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    Describe,
+    AssignUnassign,
+    EniLifecycle,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    capacity: f64,
+    per_sec: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(capacity: f64, per_sec: f64) -> Self {
+        Bucket {
+            capacity,
+            per_sec,
+            tokens: capacity,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, now: Instant) -> Option<Duration> {
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.capacity);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CallStats {
+    pub calls: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub throttled: u64,
+    pub waited_ms: u64,
+}
+
+impl CallStats {
+    pub fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetConfig {
+    pub max_attempts: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            max_attempts: 6,
+            base_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct Budgeted<E> {
+    inner: E,
+    buckets: Mutex<BTreeMap<Family, Bucket>>,
+    stats: Mutex<CallStats>,
+    cfg: BudgetConfig,
+}
+
+impl<E: Ec2> Budgeted<E> {
+    pub fn new(inner: E, cfg: BudgetConfig) -> Self {
+        let mut b = BTreeMap::new();
+        b.insert(Family::Describe, Bucket::new(100.0, 20.0));
+        b.insert(Family::AssignUnassign, Bucket::new(100.0, 5.0));
+        b.insert(Family::EniLifecycle, Bucket::new(50.0, 5.0));
+        Budgeted {
+            inner,
+            buckets: Mutex::new(b),
+            stats: Mutex::new(CallStats::default()),
+            cfg,
+        }
+    }
+
+    pub fn stats(&self) -> CallStats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    /// Tokens left per family (for introspection).
+    pub fn tokens(&self) -> Vec<(Family, f64)> {
+        let mut b = self.buckets.lock().unwrap();
+        let now = Instant::now();
+        b.iter_mut()
+            .map(|(f, bucket)| {
+                let dt = now.duration_since(bucket.at).as_secs_f64();
+                (
+                    *f,
+                    (bucket.tokens + dt * bucket.per_sec).min(bucket.capacity),
+                )
+            })
+            .collect()
+    }
+
+    async fn acquire(&self, fam: Family) {
+        loop {
+            let wait = self
+                .buckets
+                .lock()
+                .unwrap()
+                .get_mut(&fam)
+                .expect("bucket")
+                .take(Instant::now());
+            match wait {
+                None => return,
+                Some(d) => {
+                    self.stats.lock().unwrap().waited_ms += d.as_millis() as u64;
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+
+    fn drain(&self, fam: Family) {
+        if let Some(b) = self.buckets.lock().unwrap().get_mut(&fam) {
+            b.tokens = 0.0;
+            b.at = Instant::now();
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, api: &str, fam: Family, f: F) -> CloudResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = CloudResult<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.acquire(fam).await;
+            *self
+                .stats
+                .lock()
+                .unwrap()
+                .calls
+                .entry(api.to_string())
+                .or_default() += 1;
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    *self
+                        .stats
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .entry(api.to_string())
+                        .or_default() += 1;
+                    if !e.is_transient() || attempt >= self.cfg.max_attempts {
+                        return Err(e);
+                    }
+                    if e.is_throttle() {
+                        self.stats.lock().unwrap().throttled += 1;
+                        // EC2 says the account is over budget: stop spending this family.
+                        self.drain(fam);
+                    }
+                    let exp = self
+                        .cfg
+                        .base_backoff
+                        .saturating_mul(1 << (attempt - 1).min(16));
+                    let cap = exp.min(self.cfg.max_backoff);
+                    let jitter = jitter_fraction();
+                    tokio::time::sleep(cap.mul_f64(0.5 + jitter / 2.0)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A cheap jitter in [0, 1) without a random-number crate.
+fn jitter_fraction() -> f64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    (n.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0
+}
+
+#[async_trait]
+impl<E: Ec2> Ec2 for Budgeted<E> {
+    async fn instance_type_limits(&self, t: &str) -> CloudResult<Limits> {
+        self.call("DescribeInstanceTypes", Family::Describe, || {
+            self.inner.instance_type_limits(t)
+        })
+        .await
+    }
+    async fn instance_enis(&self, id: &str) -> CloudResult<Vec<EniInfo>> {
+        self.call("DescribeNetworkInterfaces", Family::Describe, || {
+            self.inner.instance_enis(id)
+        })
+        .await
+    }
+    async fn unattached_enis_tagged(&self, k: &str, v: &str) -> CloudResult<Vec<EniInfo>> {
+        self.call("DescribeNetworkInterfaces", Family::Describe, || {
+            self.inner.unattached_enis_tagged(k, v)
+        })
+        .await
+    }
+    async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
+        self.call("CreateNetworkInterface", Family::EniLifecycle, || {
+            self.inner.create_eni(req)
+        })
+        .await
+    }
+    async fn attach_eni(&self, e: &str, i: &str, d: u32) -> CloudResult<String> {
+        self.call("AttachNetworkInterface", Family::EniLifecycle, || {
+            self.inner.attach_eni(e, i, d)
+        })
+        .await
+    }
+    async fn set_delete_on_termination(&self, e: &str, a: &str) -> CloudResult<()> {
+        self.call(
+            "ModifyNetworkInterfaceAttribute",
+            Family::EniLifecycle,
+            || self.inner.set_delete_on_termination(e, a),
+        )
+        .await
+    }
+    async fn detach_eni(&self, a: &str) -> CloudResult<()> {
+        self.call("DetachNetworkInterface", Family::EniLifecycle, || {
+            self.inner.detach_eni(a)
+        })
+        .await
+    }
+    async fn delete_eni(&self, e: &str) -> CloudResult<()> {
+        self.call("DeleteNetworkInterface", Family::EniLifecycle, || {
+            self.inner.delete_eni(e)
+        })
+        .await
+    }
+    async fn assign_ips(&self, e: &str, n: u32) -> CloudResult<Vec<Ipv4Addr>> {
+        self.call("AssignPrivateIpAddresses", Family::AssignUnassign, || {
+            self.inner.assign_ips(e, n)
+        })
+        .await
+    }
+    async fn assign_prefixes(&self, e: &str, n: u32) -> CloudResult<Vec<Ipv4Net>> {
+        self.call("AssignPrivateIpAddresses", Family::AssignUnassign, || {
+            self.inner.assign_prefixes(e, n)
+        })
+        .await
+    }
+    async fn unassign_ips(&self, e: &str, ips: &[Ipv4Addr]) -> CloudResult<()> {
+        self.call("UnassignPrivateIpAddresses", Family::AssignUnassign, || {
+            self.inner.unassign_ips(e, ips)
+        })
+        .await
+    }
+    async fn unassign_prefixes(&self, e: &str, p: &[Ipv4Net]) -> CloudResult<()> {
+        self.call("UnassignPrivateIpAddresses", Family::AssignUnassign, || {
+            self.inner.unassign_prefixes(e, p)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_at_its_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(2.0, 5.0);
+        b.at = t0;
+        assert!(b.take(t0).is_none());
+        assert!(b.take(t0).is_none());
+        let wait = b.take(t0).expect("empty");
+        assert!((wait.as_secs_f64() - 0.2).abs() < 1e-6, "{wait:?}");
+        assert!(b.take(t0 + Duration::from_millis(200)).is_none());
+    }
+}

@@ -1,0 +1,1006 @@
+//! The node: the datastore with its checkpoint, and the warm pool driven over EC2.
+//!
+//! Start-up serves from IMDS and the checkpoint before any EC2 round trip. AddNetwork
+//! never fails just because the pool is refilling: it wakes the pool and waits (bounded)
+//! for an address. The pool loop applies `pool::Policy` one step at a time; attaching an
+//! ENI runs beside it, so addresses on ENIs already present keep flowing meanwhile.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+use crate::checkpoint::{self, Journal, LoadError};
+use crate::cloud::{CloudError, Ec2, EniInfo, Imds, InstanceMeta, NewEni};
+use crate::config::Config;
+use crate::datastore::{Assignment, Datastore, Eni, PodRef, SandboxKey};
+use crate::net::Ipv4Net;
+use crate::pool::{Decision, Limits, Mode, Policy, PoolState};
+
+pub const TAG_INSTANCE_ID: &str = "node.k8s.amazonaws.com/instance_id";
+pub const TAG_CREATED_AT: &str = "node.k8s.amazonaws.com/createdAt";
+pub const TAG_CLUSTER: &str = "cluster.k8s.amazonaws.com/name";
+/// Assignments rebuilt from host routes are keyed by the host veth's name.
+pub const RECOVERED_PREFIX: &str = "recovered:";
+
+/// Pacing. Defaults are upstream's; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub pool_interval: Duration,
+    pub shrink_interval: Duration,
+    pub eni_min_age: Duration,
+    pub reconcile_interval: Duration,
+    pub subnet_full_backoff: Duration,
+    pub leaked_sweep_interval: Duration,
+    pub leaked_min_age: Duration,
+    pub detach_timeout: Duration,
+    pub compact_every_ops: u64,
+    pub checkpoint_fsync: bool,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            pool_interval: Duration::from_secs(5),
+            shrink_interval: Duration::from_secs(30),
+            eni_min_age: Duration::from_secs(60),
+            reconcile_interval: Duration::from_secs(60),
+            subnet_full_backoff: Duration::from_secs(120),
+            leaked_sweep_interval: Duration::from_secs(3600),
+            leaked_min_age: Duration::from_secs(300),
+            detach_timeout: Duration::from_secs(30),
+            compact_every_ops: 2000,
+            checkpoint_fsync: true,
+        }
+    }
+}
+
+/// The host's view of pods (for rebuilding a lost checkpoint): (address, host veth).
+pub trait HostPods: Send + Sync {
+    fn pod_routes(&self) -> Vec<(Ipv4Addr, String)>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("instance metadata: {0}")]
+    Imds(CloudError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// A decision of the pool loop and why, for introspection and logs.
+#[derive(Debug, Clone)]
+pub struct DecisionRecord {
+    pub at: SystemTime,
+    pub state: PoolState,
+    pub decision: Decision,
+    pub outcome: String,
+}
+
+#[derive(Debug, Default)]
+struct PoolRuntime {
+    last_shrink: Option<Instant>,
+    subnet_full_until: Option<Instant>,
+    prefix_fallback: bool,
+    last_reconcile: Option<Instant>,
+    last_sweep: Option<Instant>,
+    decisions: Vec<DecisionRecord>,
+}
+
+pub struct Node {
+    pub cfg: Config,
+    pub meta: InstanceMeta,
+    pub vpc_cidrs: Vec<String>,
+    primary_subnet: String,
+    primary_sgs: Vec<String>,
+    store: Mutex<Datastore>,
+    journal: Journal,
+    ec2: Arc<dyn Ec2>,
+    limits: RwLock<Option<Limits>>,
+    wake_pool: Notify,
+    addresses_added: Notify,
+    attaching: AtomicBool,
+    ops_since_compact: AtomicU64,
+    runtime: Mutex<PoolRuntime>,
+    pub timing: Timing,
+    checkpoint_path: PathBuf,
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+fn store_eni(e: &EniInfo, is_primary: bool) -> Eni {
+    Eni {
+        id: e.id.clone(),
+        mac: e.mac.clone(),
+        device_number: e.device_number,
+        is_primary,
+        subnet_id: e.subnet_id.clone(),
+        subnet_cidr: e.subnet_cidr,
+        primary_ip: e.primary_ip,
+        first_seen: Instant::now(),
+        ips: e.secondary_ips.iter().copied().collect(),
+        prefixes: e.prefixes.iter().copied().collect(),
+    }
+}
+
+/// The host veth name the plugin gives a pod (prefix + 11 hex of sha1("ns.name")).
+pub fn host_veth_name(prefix: &str, namespace: &str, pod: &str) -> String {
+    let d = sha1_smol::Sha1::from(format!("{namespace}.{pod}"))
+        .digest()
+        .to_string();
+    format!("{prefix}{}", &d[..11])
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 19 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    (secs >= 0).then(|| UNIX_EPOCH + Duration::from_secs(secs as u64))
+}
+
+pub enum AddOutcome {
+    Assigned(Assignment),
+    /// No address within the bounded wait.
+    NoAddress,
+}
+
+impl Node {
+    /// Builds the node from IMDS and the checkpoint: no EC2 call.
+    pub async fn start(
+        cfg: Config,
+        ec2: Arc<dyn Ec2>,
+        imds: &dyn Imds,
+        host: &dyn HostPods,
+        timing: Timing,
+    ) -> Result<Arc<Node>, StartError> {
+        let meta = imds.instance().await.map_err(StartError::Imds)?;
+        let enis = imds.enis().await.map_err(StartError::Imds)?;
+        let primary = enis
+            .iter()
+            .find(|e| e.mac == meta.primary_mac || e.device_number == 0)
+            .cloned();
+        let mut store = Datastore::new(cfg.ip_cooldown);
+        for e in &enis {
+            store.add_eni(store_eni(e, Some(&e.id) == primary.as_ref().map(|p| &p.id)));
+        }
+        let path = PathBuf::from(&cfg.backing_store);
+        match checkpoint::load(&path) {
+            Ok(l) => {
+                info!(
+                    assignments = l.assignments.len(),
+                    cooldowns = l.cooldowns.len(),
+                    journal_ops = l.journal_ops,
+                    "restored checkpoint {}",
+                    path.display()
+                );
+                for a in l.assignments {
+                    store.restore(a);
+                }
+                for (ip, t) in l.cooldowns {
+                    store.restore_cooldown(ip, t);
+                }
+            }
+            Err(LoadError::Missing(_)) => {
+                info!("no checkpoint at {}: starting empty", path.display())
+            }
+            Err(e @ LoadError::Corrupt { .. }) => {
+                let aside = checkpoint::set_aside(&path).map_err(|io| {
+                    StartError::Checkpoint(format!("{e}; and setting it aside failed: {io}"))
+                })?;
+                let routes = host.pod_routes();
+                error!(
+                    "{e}; moved it to {} and rebuilt {} assignments from the host's pod routes",
+                    aside.display(),
+                    routes.len()
+                );
+                for (ip, veth) in routes {
+                    store.restore(Assignment {
+                        key: SandboxKey {
+                            network: "aws-cni".into(),
+                            container_id: format!("{RECOVERED_PREFIX}{veth}"),
+                            if_name: "eth0".into(),
+                        },
+                        ip,
+                        eni: String::new(),
+                        device_number: 0,
+                        assigned_at_ns: now_ns(),
+                        pod: PodRef::default(),
+                    });
+                }
+            }
+            Err(e @ LoadError::Io { .. }) => return Err(StartError::Checkpoint(e.to_string())),
+        }
+        if store.orphan_count() > 0 {
+            warn!(
+                orphans = store.orphan_count(),
+                "checkpointed addresses not on any ENI IMDS lists yet; kept reserved until EC2 confirms"
+            );
+        }
+        let journal = Journal::start(&path, timing.checkpoint_fsync).map_err(|e| {
+            StartError::Checkpoint(format!(
+                "cannot open the journal of {}: {e}",
+                path.display()
+            ))
+        })?;
+        // Start every run from one snapshot of what was restored.
+        journal
+            .compact(store.assignments(), store.cooldowns())
+            .durable()
+            .await
+            .map_err(|e| StartError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
+        let primary = primary.unwrap_or_else(|| EniInfo {
+            id: String::new(),
+            mac: meta.primary_mac.clone(),
+            device_number: 0,
+            subnet_id: String::new(),
+            subnet_cidr: Ipv4Net {
+                addr: Ipv4Addr::UNSPECIFIED,
+                len: 0,
+            },
+            vpc_cidrs: vec![],
+            security_groups: vec![],
+            primary_ip: meta.primary_ip,
+            secondary_ips: vec![],
+            prefixes: vec![],
+            attachment_id: None,
+            tags: vec![],
+            status: String::new(),
+        });
+        Ok(Arc::new(Node {
+            vpc_cidrs: primary.vpc_cidrs.iter().map(|c| c.to_string()).collect(),
+            primary_subnet: primary.subnet_id.clone(),
+            primary_sgs: primary.security_groups.clone(),
+            cfg,
+            meta,
+            store: Mutex::new(store),
+            journal,
+            ec2,
+            limits: RwLock::new(None),
+            wake_pool: Notify::new(),
+            addresses_added: Notify::new(),
+            attaching: AtomicBool::new(false),
+            ops_since_compact: AtomicU64::new(0),
+            runtime: Mutex::new(PoolRuntime::default()),
+            timing,
+            checkpoint_path: path,
+        }))
+    }
+
+    pub fn limits(&self) -> Option<Limits> {
+        *self.limits.read().unwrap()
+    }
+
+    fn after_op(&self) {
+        if self.ops_since_compact.fetch_add(1, Ordering::Relaxed) + 1
+            >= self.timing.compact_every_ops
+        {
+            self.ops_since_compact.store(0, Ordering::Relaxed);
+            let s = self.store.lock().unwrap();
+            // Not awaited: ordered after every line already queued.
+            drop(self.journal.compact(s.assignments(), s.cooldowns()));
+        }
+    }
+
+    /// Writes a snapshot of the current state (on shutdown, so upstream can read it).
+    pub async fn compact(&self) -> std::io::Result<()> {
+        let p = {
+            let s = self.store.lock().unwrap();
+            self.journal.compact(s.assignments(), s.cooldowns())
+        };
+        p.durable().await
+    }
+
+    pub async fn add(&self, key: SandboxKey, pod: PodRef) -> std::io::Result<AddOutcome> {
+        let deadline = Instant::now() + self.cfg.add_wait;
+        loop {
+            let added = self.addresses_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            let got = {
+                let mut s = self.store.lock().unwrap();
+                match s.assign(&key, &pod, now_ns()) {
+                    Ok((a, true)) => Some((self.journal.record_add(&a), a, true)),
+                    Ok((a, false)) => Some((self.journal.record_add(&a), a, false)),
+                    Err(_) => None,
+                }
+            };
+            if let Some((pending, a, new)) = got {
+                if let Err(e) = pending.durable().await {
+                    if new {
+                        self.store.lock().unwrap().release(&key, now_ns());
+                    }
+                    return Err(e);
+                }
+                self.after_op();
+                // Keep the pool ahead of demand.
+                self.wake_pool.notify_one();
+                return Ok(AddOutcome::Assigned(a));
+            }
+            self.wake_pool.notify_one();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(AddOutcome::NoAddress);
+            }
+            // Also re-check now and then: an address may leave cooldown without a notification.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), added).await;
+        }
+    }
+
+    pub async fn del(&self, key: SandboxKey, pod: &PodRef) -> std::io::Result<Option<Assignment>> {
+        let got = {
+            let mut s = self.store.lock().unwrap();
+            let now = now_ns();
+            let released = s.release(&key, now).or_else(|| {
+                // An assignment rebuilt from host routes is keyed by the pod's host veth.
+                if pod.name.is_empty() {
+                    return None;
+                }
+                let veth = host_veth_name(&self.cfg.veth_prefix, &pod.namespace, &pod.name);
+                s.release(
+                    &SandboxKey {
+                        network: key.network.clone(),
+                        container_id: format!("{RECOVERED_PREFIX}{veth}"),
+                        if_name: "eth0".into(),
+                    },
+                    now,
+                )
+            });
+            released.map(|a| (self.journal.record_del(&a, now), a))
+        };
+        let Some((pending, a)) = got else {
+            return Ok(None);
+        };
+        pending.durable().await?;
+        self.after_op();
+        self.wake_pool.notify_one();
+        Ok(Some(a))
+    }
+
+    /// Releases every assignment of `network` not in `valid` (CNI GC).
+    pub async fn garbage_collect(
+        &self,
+        network: &str,
+        valid: &BTreeSet<(String, String)>,
+    ) -> std::io::Result<Vec<Assignment>> {
+        let pending: Vec<_> = {
+            let mut s = self.store.lock().unwrap();
+            let now = now_ns();
+            let stale: Vec<SandboxKey> = s
+                .assignments()
+                .into_iter()
+                .map(|a| a.key)
+                .filter(|k| {
+                    k.network == network
+                        && !valid.contains(&(k.container_id.clone(), k.if_name.clone()))
+                })
+                .collect();
+            stale
+                .iter()
+                .filter_map(|k| s.release(k, now))
+                .map(|a| (self.journal.record_del(&a, now), a))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (p, a) in pending {
+            p.durable().await?;
+            out.push(a);
+        }
+        self.wake_pool.notify_one();
+        Ok(out)
+    }
+
+    pub fn assignments(&self) -> Vec<Assignment> {
+        self.store.lock().unwrap().assignments()
+    }
+
+    pub fn enis(&self) -> Vec<Eni> {
+        self.store.lock().unwrap().enis().cloned().collect()
+    }
+
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.runtime.lock().unwrap().decisions.clone()
+    }
+
+    /// Can an AddNetwork be answered now, or soon by growing the pool? (health)
+    pub fn can_serve(&self) -> bool {
+        let free = self.store.lock().unwrap().counts(now_ns()).3;
+        if free > 0 {
+            return true;
+        }
+        match self.limits() {
+            Some(l) => self.policy(l).decide(&self.pool_state(l)) != Decision::AtCapacity,
+            None => true,
+        }
+    }
+
+    pub fn policy(&self, limits: Limits) -> Policy {
+        let c = &self.cfg;
+        let mode = if c.enable_prefix_delegation {
+            Mode::Prefix {
+                warm_prefix: c.warm_prefix_target,
+                warm_ip: c.warm_ip_target.unwrap_or(0),
+                min_ip: c.minimum_ip_target.unwrap_or(0),
+            }
+        } else if c.ip_target_mode() {
+            Mode::IpTarget {
+                warm_ip: c.warm_ip_target.unwrap_or(0),
+                min_ip: c.minimum_ip_target.unwrap_or(0),
+            }
+        } else {
+            Mode::Eni {
+                warm_eni: c.warm_eni_target,
+            }
+        };
+        Policy {
+            mode,
+            limits,
+            max_enis: c.max_eni.unwrap_or(limits.max_enis).min(limits.max_enis),
+        }
+    }
+
+    pub fn pool_state(&self, limits: Limits) -> PoolState {
+        let mut s = self.store.lock().unwrap();
+        let (total, assigned, cooldown, _) = s.counts(now_ns());
+        let per = limits.slots_per_eni();
+        let (mut enis, mut free_slots, mut prefixes) = (0, 0, 0);
+        for e in s.enis() {
+            enis += 1;
+            free_slots += per.saturating_sub(e.slots_used());
+            prefixes += e.prefixes.len() as u32;
+        }
+        PoolState {
+            enis,
+            total,
+            assigned,
+            cooldown,
+            free_slots,
+            prefixes,
+        }
+    }
+
+    /// The pool loop. Runs until the task is dropped.
+    pub async fn run_pool(self: Arc<Self>) {
+        loop {
+            if self.limits().is_none() {
+                match self
+                    .ec2
+                    .instance_type_limits(&self.meta.instance_type)
+                    .await
+                {
+                    Ok(l) => {
+                        info!(
+                            ?l,
+                            max_pods = l.max_pods(),
+                            "limits of {}",
+                            self.meta.instance_type
+                        );
+                        *self.limits.write().unwrap() = Some(l);
+                        self.reconcile().await;
+                    }
+                    Err(e) => {
+                        warn!("DescribeInstanceTypes failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let progressed = self.step().await;
+            if !progressed {
+                self.housekeeping().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(self.timing.pool_interval) => {}
+                    _ = self.wake_pool.notified() => {}
+                }
+            }
+        }
+    }
+
+    fn record(&self, state: PoolState, decision: &Decision, outcome: impl Into<String>) {
+        let outcome = outcome.into();
+        debug!(?state, ?decision, %outcome, "pool");
+        let mut rt = self.runtime.lock().unwrap();
+        rt.decisions.push(DecisionRecord {
+            at: SystemTime::now(),
+            state,
+            decision: decision.clone(),
+            outcome,
+        });
+        let n = rt.decisions.len();
+        if n > 50 {
+            rt.decisions.drain(..n - 50);
+        }
+    }
+
+    /// One decision and its action. Returns whether anything changed.
+    pub async fn step(self: &Arc<Self>) -> bool {
+        let Some(limits) = self.limits() else {
+            return false;
+        };
+        if self.cfg.disable_network_resource_provisioning {
+            return false;
+        }
+        let policy = self.policy(limits);
+        let state = self.pool_state(limits);
+        let decision = policy.decide(&state);
+        let prefix_mode = matches!(policy.mode, Mode::Prefix { .. });
+        match decision {
+            Decision::Steady | Decision::AtCapacity => false,
+            Decision::Assign { count } => {
+                if let Some(until) = self.runtime.lock().unwrap().subnet_full_until
+                    && Instant::now() < until
+                {
+                    return false;
+                }
+                let fallback = self.runtime.lock().unwrap().prefix_fallback;
+                let per = limits.slots_per_eni();
+                // Fill an existing ENI (lowest device number first) before attaching one.
+                let target = {
+                    let s = self.store.lock().unwrap();
+                    let mut enis: Vec<&Eni> = s.enis().filter(|e| e.slots_used() < per).collect();
+                    enis.sort_by_key(|e| e.device_number);
+                    enis.first().map(|e| (e.id.clone(), per - e.slots_used()))
+                };
+                let Some((eni, room)) = target else {
+                    return false;
+                };
+                let result = if prefix_mode && !fallback {
+                    self.ec2
+                        .assign_prefixes(&eni, count.min(room))
+                        .await
+                        .map(|p| (vec![], p))
+                } else {
+                    let n = if prefix_mode {
+                        (count * 16).min(room)
+                    } else {
+                        count.min(room)
+                    };
+                    self.ec2.assign_ips(&eni, n).await.map(|ips| (ips, vec![]))
+                };
+                match result {
+                    Ok((ips, prefixes)) => {
+                        {
+                            let mut s = self.store.lock().unwrap();
+                            if let Err(e) = s.add_ips(&eni, &ips) {
+                                warn!("adding {ips:?} to {eni}: {e}");
+                            }
+                            for p in &prefixes {
+                                if let Err(e) = s.add_prefix(&eni, *p) {
+                                    warn!("adding {p} to {eni}: {e}");
+                                }
+                            }
+                        }
+                        self.addresses_added.notify_waiters();
+                        self.record(
+                            state,
+                            &decision,
+                            format!("{eni}: +{} IPs, +{} prefixes", ips.len(), prefixes.len()),
+                        );
+                        true
+                    }
+                    Err(e) if e.code == "InsufficientCidrBlocks" && prefix_mode => {
+                        warn!("no free /28 in the subnet: falling back to single IPs ({e})");
+                        self.runtime.lock().unwrap().prefix_fallback = true;
+                        self.record(state, &decision, format!("fallback to /32: {e}"));
+                        true
+                    }
+                    Err(e) if e.is_subnet_full() => {
+                        warn!(
+                            "subnet is out of addresses, backing off {:?}: {e}",
+                            self.timing.subnet_full_backoff
+                        );
+                        self.runtime.lock().unwrap().subnet_full_until =
+                            Some(Instant::now() + self.timing.subnet_full_backoff);
+                        self.record(state, &decision, e.to_string());
+                        false
+                    }
+                    Err(e) if e.code == "PrivateIpAddressLimitExceeded" => {
+                        // Our view of the ENI was stale: learn the truth from EC2.
+                        warn!("{e}; reconciling");
+                        self.reconcile().await;
+                        true
+                    }
+                    Err(e) => {
+                        warn!("assigning addresses to {eni} failed: {e}");
+                        self.record(state, &decision, e.to_string());
+                        false
+                    }
+                }
+            }
+            Decision::AttachEni => {
+                if let Some(until) = self.runtime.lock().unwrap().subnet_full_until
+                    && Instant::now() < until
+                {
+                    return false;
+                }
+                if self.attaching.swap(true, Ordering::SeqCst) {
+                    return false;
+                }
+                let me = self.clone();
+                let short = policy.shortfall(&state);
+                tokio::spawn(async move {
+                    let r = me.attach_new_eni(limits, short).await;
+                    me.attaching.store(false, Ordering::SeqCst);
+                    match r {
+                        Ok(id) => {
+                            me.record(state, &Decision::AttachEni, format!("attached {id}"));
+                            me.addresses_added.notify_waiters();
+                            me.wake_pool.notify_one();
+                        }
+                        Err(e) => {
+                            if e.is_subnet_full() {
+                                me.runtime.lock().unwrap().subnet_full_until =
+                                    Some(Instant::now() + me.timing.subnet_full_backoff);
+                            }
+                            warn!("attaching an ENI failed: {e}");
+                            me.record(state, &Decision::AttachEni, e.to_string());
+                        }
+                    }
+                });
+                false
+            }
+            Decision::Release { count } => {
+                if !self.shrink_allowed() {
+                    return false;
+                }
+                self.release(count, prefix_mode, state, &decision).await
+            }
+            Decision::FreeEni => {
+                if !self.shrink_allowed() {
+                    return false;
+                }
+                self.free_eni(state, &decision).await
+            }
+        }
+    }
+
+    fn shrink_allowed(&self) -> bool {
+        let mut rt = self.runtime.lock().unwrap();
+        let ok = rt
+            .last_shrink
+            .is_none_or(|t| t.elapsed() >= self.timing.shrink_interval);
+        if ok {
+            rt.last_shrink = Some(Instant::now());
+        }
+        ok
+    }
+
+    async fn release(
+        &self,
+        count: u32,
+        prefix_mode: bool,
+        state: PoolState,
+        decision: &Decision,
+    ) -> bool {
+        if prefix_mode {
+            let picked = {
+                let mut s = self.store.lock().unwrap();
+                let p = s.releasable_prefixes(count);
+                p.into_iter()
+                    .filter(|(e, n)| s.remove_prefix(e, *n).is_ok())
+                    .collect::<Vec<_>>()
+            };
+            for (eni, p) in &picked {
+                if let Err(e) = self.ec2.unassign_prefixes(eni, &[*p]).await {
+                    warn!("unassigning {p} from {eni} failed, keeping it: {e}");
+                    let _ = self.store.lock().unwrap().add_prefix(eni, *p);
+                }
+            }
+            self.record(
+                state,
+                decision,
+                format!("released {} prefixes", picked.len()),
+            );
+            return !picked.is_empty();
+        }
+        let picked = {
+            let mut s = self.store.lock().unwrap();
+            let ips = s.releasable_ips(count);
+            ips.into_iter()
+                .filter(|(e, ip)| s.remove_ips(e, &[*ip]).is_ok())
+                .collect::<Vec<_>>()
+        };
+        // One call per ENI for all its addresses.
+        let mut by_eni: std::collections::BTreeMap<String, Vec<Ipv4Addr>> = Default::default();
+        for (e, ip) in &picked {
+            by_eni.entry(e.clone()).or_default().push(*ip);
+        }
+        for (eni, ips) in &by_eni {
+            if let Err(e) = self.ec2.unassign_ips(eni, ips).await {
+                warn!("unassigning {ips:?} from {eni} failed, keeping them: {e}");
+                let _ = self.store.lock().unwrap().add_ips(eni, ips);
+            }
+        }
+        self.record(state, decision, format!("released {} IPs", picked.len()));
+        !picked.is_empty()
+    }
+
+    async fn free_eni(&self, state: PoolState, decision: &Decision) -> bool {
+        let eni = {
+            let mut s = self.store.lock().unwrap();
+            match s.freeable_eni(self.timing.eni_min_age, Instant::now()) {
+                Some(id) => s.remove_eni(&id).ok(),
+                None => None,
+            }
+        };
+        let Some(eni) = eni else {
+            self.record(state, decision, "no ENI old enough and empty");
+            return false;
+        };
+        match self.detach_and_delete(&eni.id).await {
+            Ok(()) => {
+                info!("freed {} (device {})", eni.id, eni.device_number);
+                self.record(state, decision, format!("freed {}", eni.id));
+                true
+            }
+            Err(e) => {
+                warn!("freeing {} failed, keeping it: {e}", eni.id);
+                let mut s = self.store.lock().unwrap();
+                s.add_eni(eni);
+                false
+            }
+        }
+    }
+
+    /// Detach, wait until EC2 lets go, delete. A failure after the detach leaves an
+    /// unattached tagged ENI that the leaked-ENI sweep removes.
+    async fn detach_and_delete(&self, eni_id: &str) -> Result<(), CloudError> {
+        let enis = self.ec2.instance_enis(&self.meta.instance_id).await?;
+        if let Some(att) = enis
+            .iter()
+            .find(|e| e.id == eni_id)
+            .and_then(|e| e.attachment_id.clone())
+        {
+            self.ec2.detach_eni(&att).await?;
+        }
+        let deadline = Instant::now() + self.timing.detach_timeout;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.ec2.delete_eni(eni_id).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.code == "InvalidNetworkInterface.InUse" && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) if e.code == "InvalidNetworkInterfaceID.NotFound" => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn attach_new_eni(&self, limits: Limits, short: u32) -> Result<String, CloudError> {
+        let per = limits.slots_per_eni();
+        let (used, prefix_mode, fallback) = {
+            let s = self.store.lock().unwrap();
+            let used: BTreeSet<u32> = s.enis().map(|e| e.device_number).collect();
+            let policy = self.policy(limits);
+            (
+                used,
+                matches!(policy.mode, Mode::Prefix { .. }),
+                self.runtime.lock().unwrap().prefix_fallback,
+            )
+        };
+        let device = (1..limits.max_enis.max(2) + 16)
+            .find(|d| !used.contains(d))
+            .unwrap_or(1);
+        let (secondary, prefixes) = if prefix_mode && !fallback {
+            (0, short.div_ceil(16).clamp(1, per))
+        } else if matches!(self.policy(limits).mode, Mode::Eni { .. }) {
+            (per, 0)
+        } else {
+            (short.clamp(1, per), 0)
+        };
+        let mut tags = vec![
+            (TAG_INSTANCE_ID.to_string(), self.meta.instance_id.clone()),
+            (TAG_CREATED_AT.to_string(), rfc3339(SystemTime::now())),
+        ];
+        if !self.cfg.cluster_name.is_empty() {
+            tags.push((TAG_CLUSTER.to_string(), self.cfg.cluster_name.clone()));
+        }
+        tags.extend(
+            self.cfg
+                .additional_eni_tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let created = self
+            .ec2
+            .create_eni(&NewEni {
+                subnet_id: self.primary_subnet.clone(),
+                security_groups: self.primary_sgs.clone(),
+                description: format!("aws-K8S-{}", self.meta.instance_id),
+                tags,
+                secondary_ips: secondary,
+                prefixes,
+            })
+            .await?;
+        let attachment = match self
+            .ec2
+            .attach_eni(&created.id, &self.meta.instance_id, device)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                // Never leave a created ENI behind.
+                if let Err(d) = self.ec2.delete_eni(&created.id).await {
+                    warn!(
+                        "could not delete {} after a failed attach (the sweep will): {d}",
+                        created.id
+                    );
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self
+            .ec2
+            .set_delete_on_termination(&created.id, &attachment)
+            .await
+        {
+            warn!("DeleteOnTermination on {} failed: {e}", created.id);
+        }
+        let mut info = created;
+        info.device_number = device;
+        info.attachment_id = Some(attachment);
+        let id = info.id.clone();
+        self.store.lock().unwrap().add_eni(store_eni(&info, false));
+        info!(
+            "attached {id} at device {device} with {} IPs, {} prefixes",
+            info.secondary_ips.len(),
+            info.prefixes.len()
+        );
+        Ok(id)
+    }
+
+    /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses.
+    pub async fn reconcile(&self) {
+        let enis = match self.ec2.instance_enis(&self.meta.instance_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!("reconcile: {e}");
+                return;
+            }
+        };
+        let mut s = self.store.lock().unwrap();
+        for e in &enis {
+            if s.eni(&e.id).is_none() {
+                s.add_eni(store_eni(e, e.device_number == 0));
+            } else {
+                let _ = s.add_ips(&e.id, &e.secondary_ips);
+                for p in &e.prefixes {
+                    let _ = s.add_prefix(&e.id, *p);
+                }
+            }
+        }
+        drop(s);
+        self.runtime.lock().unwrap().last_reconcile = Some(Instant::now());
+        self.addresses_added.notify_waiters();
+    }
+
+    async fn housekeeping(&self) {
+        let (reconcile, sweep) = {
+            let rt = self.runtime.lock().unwrap();
+            (
+                rt.last_reconcile
+                    .is_none_or(|t| t.elapsed() >= self.timing.reconcile_interval),
+                !self.cfg.disable_leaked_eni_cleanup
+                    && rt
+                        .last_sweep
+                        .is_none_or(|t| t.elapsed() >= self.timing.leaked_sweep_interval),
+            )
+        };
+        if reconcile {
+            self.reconcile().await;
+        }
+        if sweep {
+            self.runtime.lock().unwrap().last_sweep = Some(Instant::now());
+            self.sweep_leaked_enis().await;
+        }
+    }
+
+    /// Deletes ENIs this instance created that are left unattached (a crash between
+    /// create and attach, or detach and delete): older than the minimum age.
+    pub async fn sweep_leaked_enis(&self) -> usize {
+        let enis = match self
+            .ec2
+            .unattached_enis_tagged(TAG_INSTANCE_ID, &self.meta.instance_id)
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                warn!("leaked-ENI sweep: {e}");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for e in enis {
+            let created = e
+                .tags
+                .iter()
+                .find(|(k, _)| k == TAG_CREATED_AT)
+                .and_then(|(_, v)| parse_rfc3339(v));
+            let old = created
+                .is_none_or(|t| t.elapsed().unwrap_or_default() >= self.timing.leaked_min_age);
+            if e.status == "available" && old {
+                match self.ec2.delete_eni(&e.id).await {
+                    Ok(()) => {
+                        info!("deleted leaked ENI {}", e.id);
+                        n += 1;
+                    }
+                    Err(err) => warn!("deleting leaked ENI {}: {err}", e.id),
+                }
+            }
+        }
+        n
+    }
+
+    pub fn checkpoint_path(&self) -> &std::path::Path {
+        &self.checkpoint_path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_round_trip() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        let s = super::rfc3339(t);
+        assert_eq!(s, "2026-11-18T11:06:40Z");
+        assert_eq!(super::parse_rfc3339(&s), Some(t));
+        assert_eq!(
+            super::parse_rfc3339("2024-02-29T00:00:00.123Z").map(|_| ()),
+            Some(())
+        );
+        assert!(super::parse_rfc3339("yesterday").is_none());
+    }
+
+    #[test]
+    fn veth_name() {
+        assert_eq!(
+            super::host_veth_name("eni", "default", "nginx"),
+            "enic440f455693"
+        );
+    }
+}

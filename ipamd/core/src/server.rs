@@ -1,0 +1,209 @@
+//! The gRPC face of ipamd on its Unix socket (mode 0660): upstream's `CNIBackend`, our
+//! `CNIGarbageCollector`, and the standard health service under upstream's name. Any
+//! ClientVersion is accepted: the wire fields are what matter.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use vpc_cni_proto::health::health_check_response::ServingStatus;
+use vpc_cni_proto::health::health_server::{Health, HealthServer};
+use vpc_cni_proto::health::{HealthCheckRequest, HealthCheckResponse};
+use vpc_cni_proto::rpc::cni_backend_server::{CniBackend, CniBackendServer};
+use vpc_cni_proto::rpc::cni_garbage_collector_server::{
+    CniGarbageCollector, CniGarbageCollectorServer,
+};
+use vpc_cni_proto::rpc::*;
+
+use crate::datastore::{Assignment, PodRef, SandboxKey};
+use crate::node::{AddOutcome, Node};
+
+#[derive(Clone)]
+pub struct Service {
+    pub node: Arc<Node>,
+}
+
+fn metadata(a: &Assignment) -> IpAllocationMetadata {
+    IpAllocationMetadata {
+        i_pv4_addr: a.ip.to_string(),
+        i_pv6_addr: String::new(),
+        device_number: a.device_number as i32,
+        route_table_id: a.device_number as i32 + 1,
+    }
+}
+
+fn key(network: &str, container: &str, if_name: &str) -> Result<SandboxKey, Status> {
+    for (name, v) in [
+        ("NetworkName", network),
+        ("ContainerID", container),
+        ("IfName", if_name),
+    ] {
+        if v.is_empty() {
+            return Err(Status::invalid_argument(format!("{name} is empty")));
+        }
+    }
+    Ok(SandboxKey {
+        network: network.to_string(),
+        container_id: container.to_string(),
+        if_name: if_name.to_string(),
+    })
+}
+
+#[tonic::async_trait]
+impl CniBackend for Service {
+    async fn add_network(
+        &self,
+        req: Request<AddNetworkRequest>,
+    ) -> Result<Response<AddNetworkReply>, Status> {
+        let r = req.into_inner();
+        let k = key(&r.network_name, &r.container_id, &r.if_name)?;
+        let pod = PodRef {
+            namespace: r.k8s_pod_namespace.clone(),
+            name: r.k8s_pod_name.clone(),
+        };
+        let node = &self.node;
+        let mut reply = AddNetworkReply {
+            use_external_snat: node.cfg.external_snat,
+            vp_cv4_cid_rs: node.vpc_cidrs.clone(),
+            ..Default::default()
+        };
+        match node.add(k, pod).await {
+            Ok(AddOutcome::Assigned(a)) => {
+                info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, device = a.device_number, "AddNetwork");
+                reply.success = true;
+                reply.ip_allocation_metadata = vec![metadata(&a)];
+            }
+            Ok(AddOutcome::NoAddress) => {
+                warn!(
+                    "AddNetwork {}/{}: no address within {:?}",
+                    r.k8s_pod_namespace, r.k8s_pod_name, node.cfg.add_wait
+                );
+            }
+            Err(e) => return Err(Status::unavailable(format!("checkpoint write failed: {e}"))),
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn del_network(
+        &self,
+        req: Request<DelNetworkRequest>,
+    ) -> Result<Response<DelNetworkReply>, Status> {
+        let r = req.into_inner();
+        let k = key(&r.network_name, &r.container_id, &r.if_name)?;
+        let pod = PodRef {
+            namespace: r.k8s_pod_namespace.clone(),
+            name: r.k8s_pod_name.clone(),
+        };
+        let released = self
+            .node
+            .del(k, &pod)
+            .await
+            .map_err(|e| Status::unavailable(format!("checkpoint write failed: {e}")))?;
+        if let Some(a) = &released {
+            info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, reason = %r.reason, "DelNetwork");
+        }
+        Ok(Response::new(DelNetworkReply {
+            success: true,
+            ip_allocation_metadata: released.iter().map(metadata).collect(),
+            ..Default::default()
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl CniGarbageCollector for Service {
+    async fn garbage_collect(
+        &self,
+        req: Request<GarbageCollectRequest>,
+    ) -> Result<Response<GarbageCollectReply>, Status> {
+        let r = req.into_inner();
+        if r.network_name.is_empty() {
+            return Err(Status::invalid_argument("NetworkName is empty"));
+        }
+        let valid: BTreeSet<(String, String)> = r
+            .valid_attachments
+            .iter()
+            .map(|a| (a.container_id.clone(), a.if_name.clone()))
+            .collect();
+        let released = self
+            .node
+            .garbage_collect(&r.network_name, &valid)
+            .await
+            .map_err(|e| Status::unavailable(format!("checkpoint write failed: {e}")))?;
+        info!(released = released.len(), "GC of {}", r.network_name);
+        Ok(Response::new(GarbageCollectReply {
+            success: true,
+            released: released
+                .iter()
+                .map(|a| ReleasedAttachment {
+                    container_id: a.key.container_id.clone(),
+                    if_name: a.key.if_name.clone(),
+                    ip_allocation_metadata: Some(metadata(a)),
+                })
+                .collect(),
+        }))
+    }
+}
+
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for Service {
+    async fn check(
+        &self,
+        req: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let svc = req.into_inner().service;
+        if !svc.is_empty() && svc != vpc_cni_proto::HEALTH_SERVICE {
+            return Err(Status::not_found(format!("unknown service {svc:?}")));
+        }
+        let status = if self.node.can_serve() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, _: Request<HealthCheckRequest>) -> Result<Response<WatchStream>, Status> {
+        Err(Status::unimplemented("use Check"))
+    }
+}
+
+/// Binds the socket (replacing a stale one), sets mode 0660, and serves until `shutdown`.
+pub async fn serve_unix(
+    node: Arc<Node>,
+    path: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    info!("serving CNIBackend on {}", path.display());
+    let svc = Service { node };
+    tonic::transport::Server::builder()
+        .add_service(CniBackendServer::new(svc.clone()))
+        .add_service(CniGarbageCollectorServer::new(svc.clone()))
+        .add_service(HealthServer::new(svc))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(std::io::Error::other)
+}

@@ -1,0 +1,154 @@
+//! ipamd: reads the knobs (a bad one stops start-up, naming it), serves from IMDS and the
+//! checkpoint at once, then keeps the warm pool over EC2. SIGTERM writes a final snapshot.
+
+mod aws;
+mod host;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipamd_core::budget::{BudgetConfig, Budgeted};
+use ipamd_core::cloud::Imds;
+use ipamd_core::config;
+use ipamd_core::node::{Node, Timing};
+use tracing::{error, info};
+
+/// Pacing knobs beyond upstream's (defaults are upstream's fixed values).
+fn timing() -> Result<Timing, String> {
+    let mut t = Timing::default();
+    let ms = |var: &str, into: &mut Duration| -> Result<(), String> {
+        if let Ok(v) = std::env::var(var) {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("{var}={v:?} is invalid: a number of milliseconds"))?;
+            *into = Duration::from_millis(n);
+        }
+        Ok(())
+    };
+    ms("IPAMD_POOL_INTERVAL_MS", &mut t.pool_interval)?;
+    ms("IPAMD_SHRINK_INTERVAL_MS", &mut t.shrink_interval)?;
+    ms("IPAMD_ENI_MIN_AGE_MS", &mut t.eni_min_age)?;
+    ms("IPAMD_RECONCILE_INTERVAL_MS", &mut t.reconcile_interval)?;
+    ms("IPAMD_SUBNET_FULL_BACKOFF_MS", &mut t.subnet_full_backoff)?;
+    ms("IPAMD_LEAKED_ENI_SWEEP_MS", &mut t.leaked_sweep_interval)?;
+    ms("IPAMD_LEAKED_ENI_MIN_AGE_MS", &mut t.leaked_min_age)?;
+    if let Ok(v) = std::env::var("IPAMD_CHECKPOINT_FSYNC") {
+        t.checkpoint_fsync = match v.as_str() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(format!(
+                    "IPAMD_CHECKPOINT_FSYNC={v:?} is invalid: true or false"
+                ));
+            }
+        };
+    }
+    Ok(t)
+}
+
+fn init_logging() -> Result<(), String> {
+    let level = std::env::var("AWS_VPC_K8S_CNI_LOGLEVEL").unwrap_or_else(|_| "DEBUG".into());
+    let level = match level.to_ascii_lowercase().as_str() {
+        "debug" | "trace" => tracing::Level::DEBUG,
+        "info" => tracing::Level::INFO,
+        "warn" | "warning" => tracing::Level::WARN,
+        "error" | "fatal" => tracing::Level::ERROR,
+        _ => {
+            return Err(format!(
+                "AWS_VPC_K8S_CNI_LOGLEVEL={level:?} is invalid: DEBUG, INFO, WARN or ERROR"
+            ));
+        }
+    };
+    let json =
+        std::env::var("AWS_VPC_K8S_CNI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let b = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if json {
+        b.json().init()
+    } else {
+        b.init()
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    if let Err(e) = init_logging() {
+        eprintln!("ipamd: {e}");
+        return ExitCode::from(2);
+    }
+    let cfg = match config::from_env(|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("invalid configuration: {e}");
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let timing = match timing() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let imds = aws::SdkImds::from_env();
+    let host = host::NetlinkHost {
+        veth_prefix: cfg.veth_prefix.clone(),
+    };
+    let primary = match imds.enis().await {
+        Ok(e) => e.into_iter().find(|e| e.device_number == 0),
+        Err(e) => {
+            eprintln!("ipamd: instance metadata: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut sdk = aws::SdkEc2::from_env(cfg.ec2_endpoint.as_deref()).await;
+    if let Some(p) = &primary {
+        sdk = sdk.with_primary_subnet(p.subnet_id.clone(), p.subnet_cidr);
+    }
+    let ec2 = Arc::new(Budgeted::new(sdk, BudgetConfig::default()));
+    let socket = std::path::PathBuf::from(&cfg.socket_path);
+    let node = match Node::start(cfg, ec2.clone(), &imds, &host, timing).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    info!(
+        instance = %node.meta.instance_id,
+        r#type = %node.meta.instance_type,
+        assignments = node.assignments().len(),
+        "ready to serve in {:?}",
+        t0.elapsed()
+    );
+    let pool = tokio::spawn(node.clone().run_pool());
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let served = ipamd_core::server::serve_unix(node.clone(), &socket, shutdown).await;
+    pool.abort();
+    let stats = ec2.stats();
+    info!(calls = ?stats.calls, errors = ?stats.errors, throttled = stats.throttled, "EC2 calls this run");
+    if let Err(e) = node.compact().await {
+        error!("final snapshot: {e}");
+    }
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipamd: serving {}: {e}", socket.display());
+            ExitCode::from(1)
+        }
+    }
+}
