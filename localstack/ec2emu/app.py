@@ -38,7 +38,10 @@ def ec2_error_xml(code, message):
 
 def _json(start_response, status, obj):
     body = json.dumps(obj).encode()
-    start_response(f"{status} {'OK' if status < 400 else 'Error'}", [("Content-Type", "application/json")])
+    start_response(
+        f"{status} {'OK' if status < 400 else 'Error'}",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+    )
     return [body]
 
 

@@ -1,0 +1,260 @@
+//! A real ipamd process against a real emulator process, and a gRPC client for it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ec2_emulator_sdk_check::{Emulator, sdk_config};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use vpc_cni_proto::health::HealthCheckRequest;
+use vpc_cni_proto::health::health_client::HealthClient;
+use vpc_cni_proto::rpc::cni_backend_client::CniBackendClient;
+use vpc_cni_proto::rpc::{AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest};
+
+pub struct Ipamd {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Ipamd {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("ipamd.sock")
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("ipam.json")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ipamd.log")).unwrap_or_default()
+    }
+
+    /// Fast pacing for tests; `knobs` override.
+    pub fn start(emu: &Emulator, knobs: &[(&str, &str)]) -> Ipamd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("AWS_ENDPOINT_URL_EC2", emu.endpoint.clone()),
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                format!("{}/", emu.endpoint),
+            ),
+            ("AWS_REGION", "us-west-2".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            (
+                "AWS_VPC_K8S_CNI_BACKING_STORE",
+                dir.path().join("ipam.json").display().to_string(),
+            ),
+            (
+                "IPAMD_SOCKET",
+                dir.path().join("ipamd.sock").display().to_string(),
+            ),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG".into()),
+            ("IPAMD_POOL_INTERVAL_MS", "200".into()),
+            ("IPAMD_SHRINK_INTERVAL_MS", "200".into()),
+            ("IPAMD_ENI_MIN_AGE_MS", "0".into()),
+            ("IPAMD_RECONCILE_INTERVAL_MS", "2000".into()),
+            ("IPAMD_LEAKED_ENI_MIN_AGE_MS", "0".into()),
+            ("IP_COOLDOWN_PERIOD", "0".into()),
+        ] {
+            env.insert(k.to_string(), v);
+        }
+        for (k, v) in knobs {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let mut me = Ipamd {
+            dir,
+            child: None,
+            env,
+        };
+        me.spawn();
+        me
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ipamd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ipamd"))
+            .env_clear()
+            .envs(&self.env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ipamd");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.socket(), Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\nipamd log:\n{}", self.log()))
+    }
+}
+
+impl Drop for Ipamd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub channel: Channel,
+}
+
+pub async fn connect(path: &Path, within: Duration) -> Result<Client, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let p = path.to_path_buf();
+        let r = Endpoint::from_static("http://ipamd")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = p.clone();
+                async move { UnixStream::connect(p).await.map(TokioIo::new) }
+            }))
+            .await;
+        if let Ok(channel) = r {
+            let c = Client { channel };
+            if c.healthy().await {
+                return Ok(c);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "ipamd not serving on {} within {within:?}",
+                path.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Client {
+    pub async fn healthy(&self) -> bool {
+        HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: vpc_cni_proto::HEALTH_SERVICE.into(),
+            })
+            .await
+            .is_ok()
+    }
+
+    pub async fn add(&self, container: &str) -> Result<AddNetworkReply, tonic::Status> {
+        CniBackendClient::new(self.channel.clone())
+            .add_network(AddNetworkRequest {
+                k8s_pod_name: format!("pod-{container}"),
+                k8s_pod_namespace: "default".into(),
+                container_id: container.into(),
+                if_name: "eth0".into(),
+                network_name: "aws-cni".into(),
+                netns: "/var/run/netns/x".into(),
+                client_version: "test".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn del(&self, container: &str) -> Result<DelNetworkReply, tonic::Status> {
+        CniBackendClient::new(self.channel.clone())
+            .del_network(DelNetworkRequest {
+                k8s_pod_name: format!("pod-{container}"),
+                k8s_pod_namespace: "default".into(),
+                container_id: container.into(),
+                if_name: "eth0".into(),
+                network_name: "aws-cni".into(),
+                reason: "PodDeleted".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// What EC2 holds for an instance: (ENI id, device, secondary IPs, prefixes).
+pub async fn ec2_view(
+    emu: &Emulator,
+    instance: &str,
+) -> Vec<(String, i32, Vec<String>, Vec<String>)> {
+    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
+    let c = aws_sdk_ec2::Client::new(&conf);
+    let r = c
+        .describe_network_interfaces()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("attachment.instance-id")
+                .values(instance)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut v: Vec<_> = r
+        .network_interfaces()
+        .iter()
+        .map(|n| {
+            (
+                n.network_interface_id().unwrap().to_string(),
+                n.attachment().and_then(|a| a.device_index()).unwrap_or(-1),
+                n.private_ip_addresses()
+                    .iter()
+                    .filter(|a| !a.primary().unwrap_or(false))
+                    .map(|a| a.private_ip_address().unwrap().to_string())
+                    .collect(),
+                n.ipv4_prefixes()
+                    .iter()
+                    .map(|p| p.ipv4_prefix().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    v.sort_by_key(|x| x.1);
+    v
+}
+
+/// (ENIs, secondary IPs) on the instance.
+pub async fn counts(emu: &Emulator, instance: &str) -> (usize, usize) {
+    let v = ec2_view(emu, instance).await;
+    (v.len(), v.iter().map(|e| e.2.len()).sum())
+}
+
+/// Polls until `f` holds or `within` passes; returns the last value.
+pub async fn eventually<T: std::fmt::Debug + PartialEq>(
+    within: Duration,
+    want: T,
+    mut f: impl AsyncFnMut() -> T,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = f().await;
+        if v == want || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

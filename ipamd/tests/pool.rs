@@ -1,0 +1,255 @@
+//! ipamd against the EC2 + IMDS emulator process: the pool reaches its targets, grows
+//! and shrinks with pods, frees and deletes ENIs, sweeps leaked ENIs, rides out throttling.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use ec2_emulator_sdk_check::{Emulator, sdk_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let d = Ipamd::start(&emu, &[]);
+    let c = d.client().await;
+    // WARM_ENI_TARGET=1 on m5.large: one ENI's worth (9) spare.
+    let got = eventually(Duration::from_secs(20), (1, 9), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 9), "{}", d.log());
+    let mut ips = HashSet::new();
+    for i in 0..5 {
+        let r = c.add(&format!("c{i}")).await.unwrap();
+        assert!(r.success);
+        assert!(
+            ips.insert(r.ip_allocation_metadata[0].i_pv4_addr.clone()),
+            "unique"
+        );
+    }
+    // 4 spare < 9: a second ENI, filled whole.
+    let got = eventually(Duration::from_secs(20), (2, 18), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (2, 18), "{}", d.log());
+    let view = ec2_view(&emu, &id).await;
+    assert_eq!(view[1].1, 1, "second ENI at device index 1");
+    let second = view[1].0.clone();
+    for i in 0..5 {
+        let r = c.del(&format!("c{i}")).await.unwrap();
+        assert!(r.success && !r.ip_allocation_metadata.is_empty());
+    }
+    // 18 spare >= (1+1) x 9: the second ENI is detached and deleted.
+    let got = eventually(Duration::from_secs(20), (1, 9), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 9), "{}", d.log());
+    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
+    let all = aws_sdk_ec2::Client::new(&conf)
+        .describe_network_interfaces()
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !all.network_interfaces()
+            .iter()
+            .any(|n| n.network_interface_id() == Some(second.as_str())),
+        "freed ENI deleted, not left available"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_target_mode_reaches_and_keeps_its_targets() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "t3.small"]).remove(0);
+    // The upstream scenario: t3.small (3 x 4), WARM_IP=2, MIN_IP=5, 0 pods -> 2 ENIs, 5 IPs.
+    let d = Ipamd::start(&emu, &[("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "5")]);
+    let c = d.client().await;
+    let got = eventually(Duration::from_secs(20), (2, 5), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (2, 5), "{}", d.log());
+    for i in 0..4 {
+        assert!(c.add(&format!("p{i}")).await.unwrap().success);
+    }
+    // 4 assigned + 2 warm = 6.
+    let got = eventually(Duration::from_secs(20), (2, 6), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (2, 6), "{}", d.log());
+    for i in 0..4 {
+        assert!(c.del(&format!("p{i}")).await.unwrap().success);
+    }
+    let got = eventually(Duration::from_secs(20), 5, async || {
+        counts(&emu, &id).await.1
+    })
+    .await;
+    assert_eq!(got, 5, "shrinks back to MINIMUM_IP_TARGET\n{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_waits_for_the_refill_instead_of_failing() {
+    let emu = Emulator::start();
+    let _id = emu.seed(&["--type", "m5.large"]).remove(0);
+    // Slow EC2: every assign takes 400 ms. WARM_IP=1 keeps almost nothing spare.
+    emu.control(
+        "POST",
+        "/_emulator/faults",
+        r#"{"action":"AssignPrivateIpAddresses","latency_ms":400}"#,
+    );
+    let d = Ipamd::start(&emu, &[("WARM_IP_TARGET", "1")]);
+    let c = d.client().await;
+    let mut seen = HashSet::new();
+    for i in 0..6 {
+        let r = c.add(&format!("w{i}")).await.unwrap();
+        assert!(
+            r.success,
+            "pod {i} was failed instead of waited for\n{}",
+            d.log()
+        );
+        assert!(seen.insert(r.ip_allocation_metadata[0].i_pv4_addr.clone()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_latency_slow_it_down_but_lose_nothing() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.xlarge"]).remove(0);
+    emu.control(
+        "POST",
+        "/_emulator/faults",
+        r#"{"action":"*","code":"RequestLimitExceeded","probability":0.6,"count":25,"latency_ms":50}"#,
+    );
+    let d = Ipamd::start(
+        &emu,
+        &[("WARM_IP_TARGET", "3"), ("ADD_NETWORK_WAIT_MS", "30000")],
+    );
+    let c = d.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { c.add(&format!("t{i}")).await }));
+    }
+    let mut ips = HashSet::new();
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        assert!(r.success, "{}", d.log());
+        assert!(
+            ips.insert(r.ip_allocation_metadata[0].i_pv4_addr.clone()),
+            "no address twice"
+        );
+    }
+    // The injected throttles really happened (the fault's count went down).
+    let faults: serde_json::Value =
+        serde_json::from_str(&emu.control("GET", "/_emulator/faults", "")).unwrap();
+    let left = faults["*"]["count"].as_u64().unwrap();
+    assert!(left < 25, "no throttle was injected: {faults}");
+    eprintln!("throttles injected: {}", 25 - left);
+    emu.control("DELETE", "/_emulator/faults", "");
+    // Every address ipamd gave out is one EC2 holds for this instance.
+    let held: HashSet<String> = ec2_view(&emu, &id)
+        .await
+        .into_iter()
+        .flat_map(|e| e.2)
+        .collect();
+    assert!(
+        ips.is_subset(&held),
+        "ipamd gave out addresses EC2 does not hold for it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_eni_is_swept() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let inst = ec2
+        .describe_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .unwrap();
+    let subnet = inst.reservations()[0].instances()[0]
+        .subnet_id()
+        .unwrap()
+        .to_string();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    // As a crash between CreateNetworkInterface and AttachNetworkInterface leaves it.
+    let leaked = ec2
+        .create_network_interface()
+        .subnet_id(&subnet)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::NetworkInterface)
+                .tags(tag("node.k8s.amazonaws.com/instance_id", &id))
+                .tags(tag(
+                    "node.k8s.amazonaws.com/createdAt",
+                    "2026-01-01T00:00:00Z",
+                ))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .network_interface()
+        .unwrap()
+        .network_interface_id()
+        .unwrap()
+        .to_string();
+    // Someone else's unattached ENI must survive.
+    let foreign = ec2
+        .create_network_interface()
+        .subnet_id(&subnet)
+        .send()
+        .await
+        .unwrap();
+    let foreign = foreign
+        .network_interface()
+        .unwrap()
+        .network_interface_id()
+        .unwrap()
+        .to_string();
+    let d = Ipamd::start(&emu, &[]);
+    let _c = d.client().await;
+    let exists = async |eni: &str| {
+        aws_sdk_ec2::Client::new(&conf)
+            .describe_network_interfaces()
+            .send()
+            .await
+            .unwrap()
+            .network_interfaces()
+            .iter()
+            .any(|n| n.network_interface_id() == Some(eni))
+    };
+    let gone = eventually(Duration::from_secs(15), false, async || {
+        exists(&leaked).await
+    })
+    .await;
+    assert!(!gone, "leaked ENI swept\n{}", d.log());
+    assert!(
+        exists(&foreign).await,
+        "an ENI without our tag is never touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_knob_stops_startup_naming_it() {
+    let emu = Emulator::start();
+    emu.seed(&["--type", "m5.large"]);
+    let mut d = Ipamd::start(&emu, &[("WARM_IP_TARGET", "lots")]);
+    let status = d.child.as_mut().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(2));
+    let log = d.log();
+    assert!(
+        log.contains("WARM_IP_TARGET") && log.contains("lots"),
+        "{log}"
+    );
+}
