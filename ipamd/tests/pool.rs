@@ -253,3 +253,90 @@ async fn bad_knob_stops_startup_naming_it() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_mode_keeps_a_warm_prefix() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let d = Ipamd::start(
+        &emu,
+        &[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "1"),
+        ],
+    );
+    let c = d.client().await;
+    let prefixes = async || {
+        ec2_view(&emu, &id)
+            .await
+            .iter()
+            .map(|e| e.3.len())
+            .sum::<usize>()
+    };
+    assert_eq!(
+        eventually(Duration::from_secs(20), 1, prefixes).await,
+        1,
+        "{}",
+        d.log()
+    );
+    let mut ips = HashSet::new();
+    for i in 0..20 {
+        let r = c.add(&format!("p{i}")).await.unwrap();
+        assert!(r.success);
+        ips.insert(r.ip_allocation_metadata[0].i_pv4_addr.clone());
+    }
+    assert_eq!(ips.len(), 20);
+    // 20 pods + 16 warm: three /28s, every pod address inside one of them.
+    assert_eq!(
+        eventually(Duration::from_secs(20), 3, prefixes).await,
+        3,
+        "{}",
+        d.log()
+    );
+    let held: Vec<String> = ec2_view(&emu, &id)
+        .await
+        .into_iter()
+        .flat_map(|e| e.3)
+        .collect();
+    for ip in &ips {
+        let a: std::net::Ipv4Addr = ip.parse().unwrap();
+        assert!(
+            held.iter()
+                .any(|p| ipamd_core::net::parse_cidr(p).unwrap().contains(a)),
+            "{ip} is in none of {held:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_free_prefix_falls_back_to_single_addresses() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    // The subnet is fragmented: EC2 has no /28 to give.
+    emu.control(
+        "POST",
+        "/_emulator/faults",
+        r#"{"action":"AssignPrivateIpAddresses","code":"InsufficientCidrBlocks","count":1}"#,
+    );
+    let d = Ipamd::start(
+        &emu,
+        &[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "1"),
+        ],
+    );
+    let c = d.client().await;
+    let r = c.add("pod").await.unwrap();
+    assert!(r.success, "{}", d.log());
+    let view = ec2_view(&emu, &id).await;
+    assert!(view.iter().all(|e| e.3.is_empty()), "no prefix was given");
+    assert!(
+        view.iter()
+            .any(|e| e.2.contains(&r.ip_allocation_metadata[0].i_pv4_addr))
+    );
+    assert!(
+        d.log().contains("falling back to single IPs"),
+        "{}",
+        d.log()
+    );
+}

@@ -15,17 +15,31 @@ use ec2_emulator_sdk_check::{Emulator, sdk_config};
 use ipamd_core::checkpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing() {
+async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_disk() {
+    // A disk: the journal goes through the writer thread (group commit).
+    sigkill_during_churn(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_tmpfs() {
+    // tmpfs, as /var/run on a node: the journal is written inline.
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    sigkill_during_churn(Some(dir.path().join("ipam.json"))).await;
+}
+
+async fn sigkill_during_churn(store: Option<std::path::PathBuf>) {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "c5.18xlarge"]).remove(0);
-    let mut d = Ipamd::start(
-        &emu,
-        &[
-            ("WARM_IP_TARGET", "40"),
-            ("MINIMUM_IP_TARGET", "200"),
-            ("IPAMD_CHECKPOINT_FSYNC", "false"),
-        ],
-    );
+    let store_s = store.as_ref().map(|p| p.display().to_string());
+    let mut knobs = vec![
+        ("WARM_IP_TARGET", "40"),
+        ("MINIMUM_IP_TARGET", "200"),
+        ("IPAMD_CHECKPOINT_FSYNC", "false"),
+    ];
+    if let Some(s) = &store_s {
+        knobs.push(("AWS_VPC_K8S_CNI_BACKING_STORE", s.as_str()));
+    }
+    let mut d = Ipamd::start(&emu, &knobs);
     let c = d.client().await;
     let warm = eventually(Duration::from_secs(60), true, async || {
         counts(&emu, &id).await.1 >= 200
@@ -108,7 +122,7 @@ async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing() {
 
     d.spawn();
     let c = d.client().await;
-    let l = checkpoint::load(&d.store()).unwrap();
+    let l = checkpoint::load(&store.clone().unwrap_or_else(|| d.store())).unwrap();
     let held: HashMap<String, String> = l
         .assignments
         .iter()

@@ -361,21 +361,47 @@ enum Msg {
     },
 }
 
-/// The journal writer. Clone freely; all clones feed one writer thread.
+/// The journal writer. Clone freely; all clones share one file.
 #[derive(Clone)]
 pub struct Journal {
-    tx: mpsc::Sender<Msg>,
+    inner: std::sync::Arc<JournalInner>,
 }
 
-/// A change enqueued in order; await it before answering the client.
-pub struct Pending(oneshot::Receiver<io::Result<()>>);
+enum JournalInner {
+    Inline {
+        file: std::sync::Mutex<File>,
+        snap_path: PathBuf,
+    },
+    Thread {
+        tx: mpsc::Sender<Msg>,
+    },
+}
+
+/// A change recorded in order; await it before answering the client.
+pub enum Pending {
+    /// Written inline already (tmpfs).
+    Done(io::Result<()>),
+    /// Queued for the writer thread (group commit with fdatasync).
+    Queued(oneshot::Receiver<io::Result<()>>),
+}
 
 impl Pending {
     pub async fn durable(self) -> io::Result<()> {
-        self.0
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("checkpoint writer stopped")))
+        match self {
+            Pending::Done(r) => r,
+            Pending::Queued(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("checkpoint writer stopped"))),
+        }
     }
+}
+
+/// On tmpfs (where /var/run lives on a node) a completed write() already survives a
+/// crash of the daemon and there is no device to sync: write inline, no thread hop.
+fn on_tmpfs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false)
 }
 
 impl Journal {
@@ -389,6 +415,14 @@ impl Journal {
         let jpath = journal_path(path);
         let mut file = OpenOptions::new().create(true).append(true).open(&jpath)?;
         let snap_path = path.to_path_buf();
+        if on_tmpfs(path.parent().unwrap_or(Path::new("/"))) {
+            return Ok(Journal {
+                inner: std::sync::Arc::new(JournalInner::Inline {
+                    file: std::sync::Mutex::new(file),
+                    snap_path,
+                }),
+            });
+        }
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("checkpoint".into())
@@ -452,19 +486,32 @@ impl Journal {
                     flush(&mut file, &mut buf, &mut acks);
                 }
             })?;
-        Ok(Journal { tx })
+        Ok(Journal {
+            inner: std::sync::Arc::new(JournalInner::Thread { tx }),
+        })
+    }
+
+    /// Whether changes are written inline (tmpfs) rather than by the writer thread.
+    pub fn inline(&self) -> bool {
+        matches!(*self.inner, JournalInner::Inline { .. })
     }
 
     fn send_line(&self, op: &JournalOp) -> Pending {
-        let (ack, rx) = oneshot::channel();
         let mut line = serde_json::to_vec(op).expect("serialisable");
         line.push(b'\n');
-        if self.tx.send(Msg::Line(line, ack)).is_err() {
-            let (tx, rx) = oneshot::channel();
-            let _ = tx.send(Err(io::Error::other("checkpoint writer stopped")));
-            return Pending(rx);
+        match &*self.inner {
+            JournalInner::Inline { file, .. } => {
+                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                Pending::Done(f.write_all(&line))
+            }
+            JournalInner::Thread { tx } => {
+                let (ack, rx) = oneshot::channel();
+                if tx.send(Msg::Line(line, ack)).is_err() {
+                    return Pending::Done(Err(io::Error::other("checkpoint writer stopped")));
+                }
+                Pending::Queued(rx)
+            }
         }
-        Pending(rx)
     }
 
     /// Records an assignment. Call under the datastore lock, so the journal's order is
@@ -490,13 +537,24 @@ impl Journal {
         assignments: Vec<Assignment>,
         cooldowns: Vec<(Ipv4Addr, u64)>,
     ) -> Pending {
-        let (done, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Compact {
-            assignments,
-            cooldowns,
-            done,
-        });
-        Pending(rx)
+        match &*self.inner {
+            JournalInner::Inline { file, snap_path } => {
+                let f = file.lock().unwrap_or_else(|p| p.into_inner());
+                Pending::Done(
+                    write_snapshot(snap_path, &assignments, &cooldowns, false)
+                        .and_then(|_| f.set_len(0)),
+                )
+            }
+            JournalInner::Thread { tx } => {
+                let (done, rx) = oneshot::channel();
+                let _ = tx.send(Msg::Compact {
+                    assignments,
+                    cooldowns,
+                    done,
+                });
+                Pending::Queued(rx)
+            }
+        }
     }
 }
 
@@ -574,6 +632,30 @@ mod tests {
         assert_eq!(v["version"], VERSION);
         assert_eq!(v["allocations"][0]["containerID"], "c2");
         assert_eq!(v["allocations"][0]["metadata"]["k8sPodName"], "pod-c2");
+    }
+
+    #[tokio::test]
+    async fn inline_on_tmpfs_behaves_the_same() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let p = dir.path().join("ipam.json");
+        let j = Journal::start(&p, true).unwrap();
+        assert!(j.inline(), "/dev/shm is tmpfs");
+        j.record_add(&a("c1", "10.0.0.5")).durable().await.unwrap();
+        j.record_add(&a("c2", "10.0.0.6")).durable().await.unwrap();
+        j.record_del(&a("c1", "10.0.0.5"), 7)
+            .durable()
+            .await
+            .unwrap();
+        let l = load(&p).unwrap();
+        assert_eq!(l.assignments, vec![a("c2", "10.0.0.6")]);
+        j.compact(l.assignments.clone(), l.cooldowns.clone())
+            .durable()
+            .await
+            .unwrap();
+        assert_eq!(fs::metadata(journal_path(&p)).unwrap().len(), 0);
+        assert_eq!(load(&p).unwrap().assignments, l.assignments);
     }
 
     #[tokio::test]

@@ -341,12 +341,14 @@ impl Node {
             let got = {
                 let mut s = self.store.lock().unwrap();
                 match s.assign(&key, &pod, now_ns()) {
-                    Ok((a, true)) => Some((self.journal.record_add(&a), a, true)),
-                    Ok((a, false)) => Some((self.journal.record_add(&a), a, false)),
+                    Ok((a, new)) => {
+                        let wake = self.wants_pool(&mut s);
+                        Some((self.journal.record_add(&a), a, new, wake))
+                    }
                     Err(_) => None,
                 }
             };
-            if let Some((pending, a, new)) = got {
+            if let Some((pending, a, new, wake)) = got {
                 if let Err(e) = pending.durable().await {
                     if new {
                         self.store.lock().unwrap().release(&key, now_ns());
@@ -355,7 +357,9 @@ impl Node {
                 }
                 self.after_op();
                 // Keep the pool ahead of demand.
-                self.wake_pool.notify_one();
+                if wake {
+                    self.wake_pool.notify_one();
+                }
                 return Ok(AddOutcome::Assigned(a));
             }
             self.wake_pool.notify_one();
@@ -387,14 +391,17 @@ impl Node {
                     now,
                 )
             });
-            released.map(|a| (self.journal.record_del(&a, now), a))
+            let wake = self.wants_pool(&mut s);
+            released.map(|a| (self.journal.record_del(&a, now), a, wake))
         };
-        let Some((pending, a)) = got else {
+        let Some((pending, a, wake)) = got else {
             return Ok(None);
         };
         pending.durable().await?;
         self.after_op();
-        self.wake_pool.notify_one();
+        if wake {
+            self.wake_pool.notify_one();
+        }
         Ok(Some(a))
     }
 
@@ -482,6 +489,10 @@ impl Node {
 
     pub fn pool_state(&self, limits: Limits) -> PoolState {
         let mut s = self.store.lock().unwrap();
+        Self::state_of(&mut s, limits)
+    }
+
+    fn state_of(s: &mut Datastore, limits: Limits) -> PoolState {
         let (total, assigned, cooldown, _) = s.counts(now_ns());
         let per = limits.slots_per_eni();
         let (mut enis, mut free_slots, mut prefixes) = (0, 0, 0);
@@ -497,6 +508,15 @@ impl Node {
             cooldown,
             free_slots,
             prefixes,
+        }
+    }
+
+    /// Does the pool loop have something to do after this change? (Waking it on every
+    /// call would put its work on the path of every AddNetwork.)
+    fn wants_pool(&self, s: &mut Datastore) -> bool {
+        match self.limits() {
+            Some(l) => self.policy(l).decide(&Self::state_of(s, l)) != Decision::Steady,
+            None => true,
         }
     }
 
@@ -566,6 +586,21 @@ impl Node {
         let decision = policy.decide(&state);
         let prefix_mode = matches!(policy.mode, Mode::Prefix { .. });
         match decision {
+            Decision::Steady if !matches!(policy.mode, Mode::Eni { .. }) => {
+                // IP-target and prefix modes release addresses one by one; an ENI left
+                // holding none is not needed for the targets and goes too.
+                let empty = {
+                    let s = self.store.lock().unwrap();
+                    s.enis()
+                        .filter(|e| !e.is_primary && e.slots_used() == 0)
+                        .any(|e| e.first_seen.elapsed() >= self.timing.eni_min_age)
+                };
+                if empty && self.shrink_allowed() {
+                    self.free_eni(state, &Decision::FreeEni).await
+                } else {
+                    false
+                }
+            }
             Decision::Steady | Decision::AtCapacity => false,
             Decision::Assign { count } => {
                 if let Some(until) = self.runtime.lock().unwrap().subnet_full_until
@@ -983,10 +1018,159 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::cloud::CloudResult;
+    use crate::net::parse_cidr;
+    use async_trait::async_trait;
+
+    struct FakeImds;
+
+    #[async_trait]
+    impl Imds for FakeImds {
+        async fn instance(&self) -> CloudResult<InstanceMeta> {
+            Ok(InstanceMeta {
+                instance_id: "i-1".into(),
+                instance_type: "m5.large".into(),
+                availability_zone: "us-west-2a".into(),
+                primary_mac: "02:00:00:00:00:01".into(),
+                primary_ip: "10.0.0.4".parse().unwrap(),
+            })
+        }
+        async fn enis(&self) -> CloudResult<Vec<EniInfo>> {
+            Ok(vec![EniInfo {
+                id: "eni-1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                device_number: 0,
+                subnet_id: "subnet-1".into(),
+                subnet_cidr: parse_cidr("10.0.0.0/24").unwrap(),
+                vpc_cidrs: vec![parse_cidr("10.0.0.0/16").unwrap()],
+                security_groups: vec![],
+                primary_ip: "10.0.0.4".parse().unwrap(),
+                secondary_ips: ["10.0.0.5", "10.0.0.6", "10.0.0.7"]
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect(),
+                prefixes: vec![],
+                attachment_id: None,
+                tags: vec![],
+                status: "in-use".into(),
+            }])
+        }
+    }
+
+    /// EC2 is never needed to start.
+    struct NoEc2;
+
+    fn none<T>() -> CloudResult<T> {
+        Err(CloudError::new(
+            "fake",
+            "Unavailable",
+            "no EC2 in this test",
+        ))
+    }
+
+    #[async_trait]
+    impl Ec2 for NoEc2 {
+        async fn instance_type_limits(&self, _: &str) -> CloudResult<Limits> {
+            none()
+        }
+        async fn instance_enis(&self, _: &str) -> CloudResult<Vec<EniInfo>> {
+            none()
+        }
+        async fn unattached_enis_tagged(&self, _: &str, _: &str) -> CloudResult<Vec<EniInfo>> {
+            none()
+        }
+        async fn create_eni(&self, _: &NewEni) -> CloudResult<EniInfo> {
+            none()
+        }
+        async fn attach_eni(&self, _: &str, _: &str, _: u32) -> CloudResult<String> {
+            none()
+        }
+        async fn set_delete_on_termination(&self, _: &str, _: &str) -> CloudResult<()> {
+            none()
+        }
+        async fn detach_eni(&self, _: &str) -> CloudResult<()> {
+            none()
+        }
+        async fn delete_eni(&self, _: &str) -> CloudResult<()> {
+            none()
+        }
+        async fn assign_ips(&self, _: &str, _: u32) -> CloudResult<Vec<Ipv4Addr>> {
+            none()
+        }
+        async fn assign_prefixes(&self, _: &str, _: u32) -> CloudResult<Vec<Ipv4Net>> {
+            none()
+        }
+        async fn unassign_ips(&self, _: &str, _: &[Ipv4Addr]) -> CloudResult<()> {
+            none()
+        }
+        async fn unassign_prefixes(&self, _: &str, _: &[Ipv4Net]) -> CloudResult<()> {
+            none()
+        }
+    }
+
+    struct Host(Vec<(Ipv4Addr, String)>);
+
+    impl HostPods for Host {
+        fn pod_routes(&self) -> Vec<(Ipv4Addr, String)> {
+            self.0.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_checkpoint_is_rebuilt_from_host_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("ipam.json");
+        std::fs::write(&store, b"not json").unwrap();
+        let mut cfg = crate::config::from_env(|_| None).unwrap();
+        cfg.backing_store = store.display().to_string();
+        cfg.ip_cooldown = Duration::ZERO;
+        cfg.add_wait = Duration::from_millis(100);
+        // The plugin named default/nginx's veth enic440f455693 and routed 10.0.0.6 to it.
+        let host = Host(vec![("10.0.0.6".parse().unwrap(), "enic440f455693".into())]);
+        let node = Node::start(cfg, Arc::new(NoEc2), &FakeImds, &host, Timing::default())
+            .await
+            .unwrap();
+        let held = node.assignments();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].ip.to_string(), "10.0.0.6");
+        assert_eq!(held[0].key.container_id, "recovered:enic440f455693");
+        // New pods never get the recovered address.
+        for c in ["a", "b"] {
+            let key = SandboxKey {
+                network: "aws-cni".into(),
+                container_id: c.into(),
+                if_name: "eth0".into(),
+            };
+            let AddOutcome::Assigned(a) = node.add(key, PodRef::default()).await.unwrap() else {
+                panic!("no address")
+            };
+            assert_ne!(a.ip.to_string(), "10.0.0.6");
+        }
+        // The pod's DEL (its real container ID is unknown) finds it by namespace/name.
+        let pod = PodRef {
+            namespace: "default".into(),
+            name: "nginx".into(),
+        };
+        let key = SandboxKey {
+            network: "aws-cni".into(),
+            container_id: "the-real-sandbox-id".into(),
+            if_name: "eth0".into(),
+        };
+        let released = node.del(key, &pod).await.unwrap().expect("released");
+        assert_eq!(released.ip.to_string(), "10.0.0.6");
+        // The bad file was kept aside for a person to read.
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
+        assert!(aside);
+    }
+
     #[test]
     fn rfc3339_round_trip() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-        let s = super::rfc3339(t);
+        let s = rfc3339(t);
         assert_eq!(s, "2026-11-18T11:06:40Z");
         assert_eq!(super::parse_rfc3339(&s), Some(t));
         assert_eq!(

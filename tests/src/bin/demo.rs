@@ -1,11 +1,19 @@
-//! The README's main command, as far as the system exists today: a node namespace,
-//! four pods given VPC addresses by the real `aws-cni` binary, a reachability check,
-//! CHECK, then DEL and proof that nothing is left. ipamd is the in-repo test daemon
-//! until the real one lands (issue 4); the pods, veths, routes and rules are real.
+//! The README's main command: the EC2 + IMDS emulator, the real ipamd against it, and the
+//! real aws-cni plugin giving 12 pods (network namespaces) their VPC addresses on a node
+//! namespace. Shows the pods, the ENIs EC2 holds, reachability, the EC2 calls spent, then
+//! deletes every pod and shows nothing is left. Everything it starts is stopped at the end.
+//! (Two nodes with containerd and a VPC fabric come with the lab, issue 6.)
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use vpc_cni_tests::fake_ipamd::FakeIpamd;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Endpoint, Uri};
+use vpc_cni_proto::health::HealthCheckRequest;
+use vpc_cni_proto::health::health_client::HealthClient;
 use vpc_cni_tests::netns::{Node, TestNs};
 use vpc_cni_tests::plugin::{Invocation, netconf, plugin_bin, run};
 use vpc_cni_tests::require_root;
@@ -14,124 +22,243 @@ fn step(s: &str) {
     println!("\x1b[1m==> {s}\x1b[0m");
 }
 
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct EmulatorGuard {
+    port: String,
+}
+
+impl EmulatorGuard {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(root().join("localstack/emulator"))
+            .args(args)
+            .env("EMULATOR_PORT", &self.port)
+            .output()
+            .expect("run localstack/emulator")
+    }
+
+    fn control(&self, path: &str) -> String {
+        let mut s =
+            std::net::TcpStream::connect(format!("127.0.0.1:{}", self.port)).expect("emulator");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+    }
+}
+
+impl Drop for EmulatorGuard {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["stop"]);
+    }
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_healthy(socket: &std::path::Path) -> Result<Duration, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    rt.block_on(async {
+        loop {
+            let p = socket.to_path_buf();
+            if let Ok(ch) = Endpoint::from_static("http://ipamd")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let p = p.clone();
+                    async move { UnixStream::connect(p).await.map(TokioIo::new) }
+                }))
+                .await
+                && HealthClient::new(ch)
+                    .check(HealthCheckRequest {
+                        service: vpc_cni_proto::HEALTH_SERVICE.into(),
+                    })
+                    .await
+                    .is_ok()
+            {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "ipamd did not serve on {} within 30 s",
+                    socket.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
 fn main() {
     require_root();
-    let bin = plugin_bin(std::env::args().any(|a| a == "--release"));
-    step("node namespace with eth0 = 192.168.0.10 (the node's primary ENI)");
-    let node = Node::tagged("demo-node", "192.168.0.10");
-    step("ipamd (test daemon): 2 addresses on the primary ENI, 2 on secondary ENI #1");
-    let ipamd = FakeIpamd::start(vec![
-        ("10.0.1.21".parse::<Ipv4Addr>().unwrap(), 0),
-        ("10.0.2.31".parse().unwrap(), 1),
-        ("10.0.1.22".parse().unwrap(), 0),
-        ("10.0.2.32".parse().unwrap(), 1),
-    ]);
-    let log = ipamd.dir.join("plugin.log").display().to_string();
-    let conf = netconf("1.0.0", &ipamd.socket_str(), &log, &[]);
+    let release = std::env::args().any(|a| a == "--release");
+    let bin = plugin_bin(release);
+    let ipamd_bin = bin.with_file_name("ipamd");
+    assert!(
+        ipamd_bin.exists(),
+        "{} not found: build it with cargo build -p ipamd",
+        ipamd_bin.display()
+    );
+    let port = std::env::var("EMULATOR_PORT").unwrap_or_else(|_| "5000".into());
+    let work = std::env::temp_dir().join(format!("vpc-cni-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
 
-    let pods = ["web-0", "web-1", "db-0", "cache-0"];
-    let mut rows = Vec::new();
-    let mut sandboxes = Vec::new();
-    for name in pods {
+    step(&format!("EC2 + IMDS emulator on 127.0.0.1:{port}"));
+    let emu = EmulatorGuard { port: port.clone() };
+    let out = emu.cmd(&["start"]);
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        std::process::exit(1);
+    }
+    let out = emu.cmd(&["seed", "--type", "m5.large"]);
+    let instance = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    println!("    seeded a VPC and one m5.large ({instance}: 3 ENIs x 10 addresses, max 29 pods)");
+
+    step("ipamd, default knobs (WARM_ENI_TARGET=1): one ENI's worth of addresses kept spare");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let socket = work.join("ipamd.sock");
+    let log = std::fs::File::create(work.join("ipamd.log")).unwrap();
+    let child = Command::new(&ipamd_bin)
+        .env_clear()
+        .env("AWS_ENDPOINT_URL_EC2", &endpoint)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("{endpoint}/"))
+        .env("AWS_REGION", "us-west-2")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_VPC_K8S_CNI_BACKING_STORE", work.join("ipam.json"))
+        .env("IPAMD_SOCKET", &socket)
+        .env("AWS_VPC_K8S_CNI_LOGLEVEL", "INFO")
+        .env("IPAMD_POOL_INTERVAL_MS", "500")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start ipamd");
+    let _daemon = Daemon(child);
+    match wait_healthy(&socket) {
+        Ok(t) => println!(
+            "    serving on {} after {} ms",
+            socket.display(),
+            t.as_millis()
+        ),
+        Err(e) => {
+            eprintln!(
+                "{e}\n{}",
+                std::fs::read_to_string(work.join("ipamd.log")).unwrap_or_default()
+            );
+            std::process::exit(1);
+        }
+    }
+
+    step("node namespace (eth0 = the node's primary address), 12 pods through aws-cni");
+    let node = Node::tagged("demo-node", "192.168.0.10");
+    let plugin_log = work.join("plugin.log").display().to_string();
+    let conf = netconf("1.0.0", &socket.display().to_string(), &plugin_log, &[]);
+    let mut pods = Vec::new();
+    for i in 0..12 {
+        let name = format!("web-{i}");
         let ns = TestNs::new("demo-pod");
         let inv = Invocation::new(
             "ADD",
             &format!("sandbox-{name}"),
             &ns.path(),
             "default",
-            name,
+            &name,
         );
+        let t = Instant::now();
         let out = run(&bin, Some(&node.ns.path()), &inv, &conf);
         if !out.success {
             eprintln!("ADD {name} failed: {}", out.stdout);
             std::process::exit(1);
         }
-        let r = &out.json;
-        let ip = r["ips"][0]["address"].as_str().unwrap_or("?").to_string();
-        rows.push((
-            name,
-            ip,
-            r["interfaces"][0]["name"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string(),
-            r["interfaces"][1]["mac"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string(),
-        ));
-        println!("    ADD default/{name}: {}", rows.last().unwrap().1);
-        sandboxes.push((ns, inv, out.json.clone()));
+        let ip = out.json["ips"][0]["address"]
+            .as_str()
+            .unwrap_or("?")
+            .trim_end_matches("/32")
+            .to_string();
+        let veth = out.json["interfaces"][0]["name"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        println!(
+            "    ADD default/{name:<8} {ip:<12} {:>5} ms",
+            t.elapsed().as_millis()
+        );
+        pods.push((name, ip, veth, ns, inv));
     }
-
+    let rules = node.ns.exec(&["ip", "rule", "show"]);
     println!();
     println!(
-        "    {:<10} {:<16} {:<16} {:<18}",
-        "POD", "ADDRESS", "HOST VETH", "POD MAC"
+        "    {:<10} {:<14} {:<16} ENI",
+        "POD", "ADDRESS", "HOST VETH"
     );
-    for (n, ip, veth, mac) in &rows {
-        println!("    {n:<10} {ip:<16} {veth:<16} {mac:<18}");
+    for (name, ip, veth, _, _) in &pods {
+        let table = rules
+            .lines()
+            .find(|l| l.starts_with("1536:") && l.contains(&format!("from {ip} ")))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|t| t.parse::<u32>().ok());
+        let eni = match table {
+            Some(t) => format!("secondary, device {} (rule pref 1536 -> table {t})", t - 1),
+            None => "primary, device 0".into(),
+        };
+        println!("    {name:<10} {ip:<14} {veth:<16} {eni}");
     }
     println!();
-    println!("    node rules:");
-    for l in node
-        .ns
-        .exec(&["ip", "rule", "show"])
-        .lines()
-        .filter(|l| l.starts_with("512:") || l.starts_with("1536:"))
-    {
-        println!("      {l}");
-    }
+    println!("    what EC2 holds for {instance}:");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&emu.cmd(&["describe", "--instance", &instance]).stdout)
+    );
 
     step("reachability (ping, no NAT)");
-    let addr = |i: usize| rows[i].1.trim_end_matches("/32").to_string();
-    let checks = [
-        (
-            0usize,
-            Some(1usize),
-            "pod -> pod, primary ENI -> secondary ENI",
-        ),
-        (2, Some(3), "pod -> pod, primary ENI -> secondary ENI"),
-        (1, Some(0), "pod -> pod, secondary ENI -> primary ENI"),
-        (3, None, "node -> pod"),
-    ];
+    let ping = |ns: &TestNs, dst: &str| ns.try_exec(&["ping", "-c", "1", "-W", "2", dst]);
     let mut ok = true;
-    for (from, to, what) in checks {
-        let (src_ns, dst) = match to {
-            Some(t) => (&sandboxes[from].0, addr(t)),
-            None => (&node.ns, addr(from)),
-        };
-        let reached = src_ns.try_exec(&["ping", "-c", "1", "-W", "2", &dst]);
-        ok &= reached;
+    for (from, to, what) in [
+        (0usize, 11usize, "pod (primary ENI) -> pod (secondary ENI)"),
+        (11, 1, "pod (secondary ENI) -> pod (primary ENI)"),
+    ] {
+        let r = ping(&pods[from].3, &pods[to].1);
+        ok &= r;
         println!(
-            "    {:<44} {dst:<12} {}",
-            what,
-            if reached { "ok" } else { "FAILED" }
+            "    {what:<44} {:<12} {}",
+            pods[to].1,
+            if r { "ok" } else { "FAILED" }
         );
     }
+    let r = ping(&node.ns, &pods[5].1);
+    ok &= r;
+    println!(
+        "    {:<44} {:<12} {}",
+        "node -> pod",
+        pods[5].1,
+        if r { "ok" } else { "FAILED" }
+    );
 
-    step("CHECK, then DEL every pod");
-    for (ns, inv, result) in &sandboxes {
-        let c = netconf(
-            "1.0.0",
-            &ipamd.socket_str(),
-            &log,
-            &[("prevResult", result.clone())],
-        );
-        let check = run(&bin, Some(&node.ns.path()), &inv.with_command("CHECK"), &c);
-        let del = run(&bin, Some(&node.ns.path()), &inv.with_command("DEL"), &c);
-        ok &= check.success && del.success;
-        println!(
-            "    {:<10} CHECK {}  DEL {}",
-            inv.args
-                .split("K8S_POD_NAME=")
-                .nth(1)
-                .and_then(|s| s.split(';').next())
-                .unwrap_or("?"),
-            if check.success { "ok" } else { "FAILED" },
-            if del.success { "ok" } else { "FAILED" }
-        );
-        let _ = ns;
+    println!(
+        "    EC2 calls ipamd made: {}",
+        emu.control("/_emulator/calls")
+    );
+
+    step("DEL every pod");
+    for (name, _, _, _, inv) in &pods {
+        let del = run(&bin, Some(&node.ns.path()), &inv.with_command("DEL"), &conf);
+        ok &= del.success;
+        if !del.success {
+            println!("    DEL {name} FAILED: {}", del.stdout);
+        }
     }
     let links = node.ns.exec(&["ip", "-o", "link", "show"]);
     let rules = node.ns.exec(&["ip", "rule", "show"]);
@@ -144,9 +271,17 @@ fn main() {
             "LEFTOVERS"
         }
     );
-    println!("    plugin log: {log} (removed at exit)");
+    let store = std::fs::read_to_string(work.join("ipam.json.journal")).unwrap_or_default();
+    println!(
+        "    ipamd checkpoint journal: {} changes recorded",
+        store.lines().count()
+    );
+    drop(pods);
+    drop(_daemon);
+    drop(emu);
+    let _ = std::fs::remove_dir_all(&work);
     if !(ok && clean) {
         std::process::exit(1);
     }
-    step("done: namespaces removed");
+    step("done: ipamd and the emulator stopped, namespaces removed");
 }
