@@ -129,7 +129,10 @@ pub struct Datastore {
     enis: BTreeMap<EniId, Eni>,
     addrs: HashMap<Ipv4Addr, (EniId, Slot)>,
     by_key: HashMap<SandboxKey, Ipv4Addr>,
-    free: FreeList,
+    /// Free addresses per ENI, lowest device number first: pods fill the primary ENI
+    /// before the others, so the highest ENIs drain and can be freed.
+    free: BTreeMap<(u32, EniId), FreeList>,
+    free_count: usize,
     cooldown: VecDeque<(u64, Ipv4Addr)>,
     cooldown_ns: u64,
     in_cooldown: u32,
@@ -143,12 +146,47 @@ impl Datastore {
             enis: BTreeMap::new(),
             addrs: HashMap::new(),
             by_key: HashMap::new(),
-            free: FreeList::default(),
+            free: BTreeMap::new(),
+            free_count: 0,
             cooldown: VecDeque::new(),
             cooldown_ns: cooldown.as_nanos() as u64,
             in_cooldown: 0,
             orphans: HashMap::new(),
         }
+    }
+
+    fn free_key(&self, ip: Ipv4Addr) -> Option<(u32, EniId)> {
+        let (eni, _) = self.addrs.get(&ip)?;
+        let dev = self
+            .enis
+            .get(eni)
+            .map(|e| e.device_number)
+            .unwrap_or(u32::MAX);
+        Some((dev, eni.clone()))
+    }
+
+    fn free_push(&mut self, ip: Ipv4Addr) {
+        if let Some(k) = self.free_key(ip) {
+            let list = self.free.entry(k).or_default();
+            let before = list.len();
+            list.push(ip);
+            self.free_count += list.len() - before;
+        }
+    }
+
+    fn free_remove(&mut self, ip: Ipv4Addr) {
+        if let Some(k) = self.free_key(ip)
+            && let Some(list) = self.free.get_mut(&k)
+            && list.remove(ip)
+        {
+            self.free_count -= 1;
+        }
+    }
+
+    fn free_pop(&mut self) -> Option<Ipv4Addr> {
+        let ip = self.free.values_mut().find(|l| l.len() > 0)?.pop()?;
+        self.free_count -= 1;
+        Some(ip)
     }
 
     pub fn add_eni(&mut self, eni: Eni) {
@@ -202,7 +240,7 @@ impl Datastore {
             self.by_key.insert(k, ip);
         } else {
             self.addrs.insert(ip, (eni.to_string(), Slot::Free));
-            self.free.push(ip);
+            self.free_push(ip);
         }
         Ok(())
     }
@@ -246,9 +284,8 @@ impl Datastore {
     }
 
     fn drop_addr(&mut self, ip: Ipv4Addr) {
-        if self.addrs.remove(&ip).is_some() {
-            self.free.remove(ip);
-        }
+        self.free_remove(ip);
+        self.addrs.remove(&ip);
     }
 
     /// Removes free secondary IPs (before they go back to EC2). Fails, removing nothing,
@@ -312,7 +349,7 @@ impl Datastore {
             {
                 *slot = Slot::Free;
                 self.in_cooldown -= 1;
-                self.free.push(ip);
+                self.free_push(ip);
             }
         }
     }
@@ -348,7 +385,7 @@ impl Datastore {
             return Ok((a, false));
         }
         self.promote_cooled(now_ns);
-        let ip = self.free.pop().ok_or(StoreError::NoFreeAddress)?;
+        let ip = self.free_pop().ok_or(StoreError::NoFreeAddress)?;
         let (_, slot) = self.addrs.get_mut(&ip).expect("free addresses are known");
         *slot = Slot::Assigned {
             key: key.clone(),
@@ -380,10 +417,11 @@ impl Datastore {
 
     /// Restores an assignment from a checkpoint (address maybe not on a known ENI yet).
     pub fn restore(&mut self, a: Assignment) {
+        if let Some((_, Slot::Free)) = self.addrs.get(&a.ip) {
+            self.free_remove(a.ip);
+        }
         if let Some((eni, slot)) = self.addrs.get_mut(&a.ip) {
-            if matches!(slot, Slot::Free) {
-                self.free.remove(a.ip);
-            } else if matches!(slot, Slot::Cooldown { .. }) {
+            if matches!(slot, Slot::Cooldown { .. }) {
                 self.in_cooldown -= 1;
             }
             *slot = Slot::Assigned {
@@ -400,11 +438,12 @@ impl Datastore {
 
     /// Restores a persisted cooldown (restart keeps released addresses out of use).
     pub fn restore_cooldown(&mut self, ip: Ipv4Addr, released_ns: u64) {
-        if let Some((_, slot)) = self.addrs.get_mut(&ip)
-            && matches!(slot, Slot::Free)
-        {
+        if !matches!(self.addrs.get(&ip), Some((_, Slot::Free))) {
+            return;
+        }
+        self.free_remove(ip);
+        if let Some((_, slot)) = self.addrs.get_mut(&ip) {
             *slot = Slot::Cooldown { released_ns };
-            self.free.remove(ip);
             self.in_cooldown += 1;
             let pos = self.cooldown.partition_point(|(t, _)| *t <= released_ns);
             self.cooldown.insert(pos, (released_ns, ip));
@@ -444,7 +483,7 @@ impl Datastore {
             self.addrs.len() as u32,
             self.by_key.len() as u32,
             self.in_cooldown,
-            self.free.len() as u32,
+            self.free_count as u32,
         )
     }
 
@@ -640,6 +679,25 @@ mod tests {
         assert_eq!(d.releasable_prefixes(1), vec![("eni-0".to_string(), p)]);
         d.remove_prefix("eni-0", p).unwrap();
         assert_eq!(d.counts(1).0, 0);
+    }
+
+    #[test]
+    fn pods_fill_the_lowest_device_number_first() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-2", 2, &["10.0.0.21", "10.0.0.22"]));
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1"]));
+        d.add_eni(eni("eni-1", 1, &["10.0.0.11"]));
+        let order: Vec<u32> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|c| {
+                d.assign(&key(c), &PodRef::default(), 0)
+                    .unwrap()
+                    .0
+                    .device_number
+            })
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 2]);
+        assert_eq!(d.counts(0), (4, 4, 0, 0));
     }
 
     #[test]

@@ -39,10 +39,10 @@ impl EmulatorGuard {
             .expect("run localstack/emulator")
     }
 
-    fn control(&self, path: &str) -> String {
+    fn control(&self, method: &str, path: &str) -> String {
         let mut s =
             std::net::TcpStream::connect(format!("127.0.0.1:{}", self.port)).expect("emulator");
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
         let mut r = String::new();
         s.read_to_string(&mut r).unwrap();
         r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
@@ -113,7 +113,11 @@ fn main() {
         ipamd_bin.display()
     );
     let port = std::env::var("EMULATOR_PORT").unwrap_or_else(|_| "5000".into());
-    let work = std::env::temp_dir().join(format!("vpc-cni-demo-{}", std::process::id()));
+    let work = std::env::var("DEMO_WORKDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::temp_dir().join(format!("vpc-cni-demo-{}", std::process::id()))
+        });
     std::fs::create_dir_all(&work).unwrap();
 
     step(&format!("EC2 + IMDS emulator on 127.0.0.1:{port}"));
@@ -126,6 +130,8 @@ fn main() {
     let out = emu.cmd(&["seed", "--type", "m5.large"]);
     let instance = String::from_utf8_lossy(&out.stdout).trim().to_string();
     println!("    seeded a VPC and one m5.large ({instance}: 3 ENIs x 10 addresses, max 29 pods)");
+    // From here on, every EC2 call the emulator counts is ipamd's.
+    emu.control("DELETE", "/_emulator/calls");
 
     step("ipamd, default knobs (WARM_ENI_TARGET=1): one ENI's worth of addresses kept spare");
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -216,7 +222,17 @@ fn main() {
         };
         println!("    {name:<10} {ip:<14} {veth:<16} {eni}");
     }
+    let calls: serde_json::Value =
+        serde_json::from_str(&emu.control("GET", "/_emulator/calls")).unwrap_or_default();
+    let calls: Vec<String> = calls
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
+        .unwrap_or_default();
     println!();
+    println!(
+        "    EC2 calls ipamd made for all this: {}",
+        calls.join(", ")
+    );
     println!("    what EC2 holds for {instance}:");
     print!(
         "{}",
@@ -245,11 +261,6 @@ fn main() {
         "node -> pod",
         pods[5].1,
         if r { "ok" } else { "FAILED" }
-    );
-
-    println!(
-        "    EC2 calls ipamd made: {}",
-        emu.control("/_emulator/calls")
     );
 
     step("DEL every pod");
