@@ -350,21 +350,75 @@ impl SdkImds {
         }
     }
 
-    async fn get(&self, path: &str) -> CloudResult<String> {
+    async fn get(&self, path: String) -> CloudResult<String> {
         self.client
-            .get(path)
+            .get(&path)
             .await
             .map(String::from)
             .map_err(|e| CloudError::new("IMDS", "ImdsError", format!("{path}: {e}")))
     }
 
-    async fn get_opt(&self, path: &str) -> CloudResult<Option<String>> {
+    async fn get_opt(&self, path: String) -> CloudResult<Option<String>> {
         use aws_config::imds::client::error::ImdsError;
-        match self.client.get(path).await {
+        match self.client.get(&path).await {
             Ok(v) => Ok(Some(String::from(v))),
             Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => Ok(None),
             Err(e) => Err(CloudError::new("IMDS", "ImdsError", format!("{path}: {e}"))),
         }
+    }
+}
+
+impl SdkImds {
+    async fn eni(&self, base: &str, mac: &str) -> CloudResult<EniInfo> {
+        let p = |k: &str| format!("{base}/{mac}/{k}");
+        let bad = |what: &str| CloudError::new("IMDS", "BadValue", format!("{mac}: bad {what}"));
+        let (ips, id, dev, subnet, cidr, vpc, sgs, prefixes) = futures::try_join!(
+            self.get(p("local-ipv4s")),
+            self.get(p("interface-id")),
+            self.get(p("device-number")),
+            self.get(p("subnet-id")),
+            self.get(p("subnet-ipv4-cidr-block")),
+            self.get(p("vpc-ipv4-cidr-blocks")),
+            self.get_opt(p("security-group-ids")),
+            self.get_opt(p("ipv4-prefix")),
+        )?;
+        let ips: Vec<Ipv4Addr> = lines(&ips).filter_map(|l| l.parse().ok()).collect();
+        let primary = *ips.first().ok_or_else(|| bad("local-ipv4s"))?;
+        Ok(EniInfo {
+            id: id.trim().to_string(),
+            mac: mac.to_string(),
+            device_number: dev.trim().parse().map_err(|_| bad("device-number"))?,
+            subnet_id: subnet.trim().to_string(),
+            subnet_cidr: parse_cidr(&cidr).ok_or_else(|| bad("subnet-ipv4-cidr-block"))?,
+            vpc_cidrs: lines(&vpc).filter_map(parse_cidr).collect(),
+            security_groups: lines(&sgs.unwrap_or_default())
+                .map(str::to_string)
+                .collect(),
+            primary_ip: primary,
+            secondary_ips: ips[1..].to_vec(),
+            prefixes: lines(&prefixes.unwrap_or_default())
+                .filter_map(parse_cidr)
+                .collect(),
+            attachment_id: None,
+            tags: vec![],
+            status: "in-use".into(),
+        })
+    }
+}
+
+/// What IMDS said at start-up, handed to the node so it is read once.
+pub struct Prefetched {
+    pub meta: InstanceMeta,
+    pub enis: Vec<EniInfo>,
+}
+
+#[async_trait]
+impl Imds for Prefetched {
+    async fn instance(&self) -> CloudResult<InstanceMeta> {
+        Ok(self.meta.clone())
+    }
+    async fn enis(&self) -> CloudResult<Vec<EniInfo>> {
+        Ok(self.enis.clone())
     }
 }
 
@@ -376,69 +430,31 @@ fn lines(s: &str) -> impl Iterator<Item = &str> {
 impl Imds for SdkImds {
     async fn instance(&self) -> CloudResult<InstanceMeta> {
         let m = "/latest/meta-data";
+        // Independent reads: ask for them all at once.
+        let (id, itype, az, mac, ip) = futures::try_join!(
+            self.get(format!("{m}/instance-id")),
+            self.get(format!("{m}/instance-type")),
+            self.get(format!("{m}/placement/availability-zone")),
+            self.get(format!("{m}/mac")),
+            self.get(format!("{m}/local-ipv4")),
+        )?;
         Ok(InstanceMeta {
-            instance_id: self.get(&format!("{m}/instance-id")).await?,
-            instance_type: self.get(&format!("{m}/instance-type")).await?,
-            availability_zone: self
-                .get(&format!("{m}/placement/availability-zone"))
-                .await?,
-            primary_mac: self.get(&format!("{m}/mac")).await?,
-            primary_ip: self
-                .get(&format!("{m}/local-ipv4"))
-                .await?
-                .trim()
-                .parse()
-                .map_err(|_| {
-                    CloudError::new("IMDS", "BadValue", "local-ipv4 is not an IPv4 address")
-                })?,
+            instance_id: id,
+            instance_type: itype,
+            availability_zone: az,
+            primary_mac: mac,
+            primary_ip: ip.trim().parse().map_err(|_| {
+                CloudError::new("IMDS", "BadValue", "local-ipv4 is not an IPv4 address")
+            })?,
         })
     }
 
     async fn enis(&self) -> CloudResult<Vec<EniInfo>> {
         let base = "/latest/meta-data/network/interfaces/macs";
-        let macs = self.get(&format!("{base}/")).await?;
-        let mut out = Vec::new();
-        for mac in lines(&macs).map(|m| m.trim_end_matches('/')) {
-            let p = |k: &str| format!("{base}/{mac}/{k}");
-            let bad =
-                |what: &str| CloudError::new("IMDS", "BadValue", format!("{mac}: bad {what}"));
-            let ips: Vec<Ipv4Addr> = lines(&self.get(&p("local-ipv4s")).await?)
-                .filter_map(|l| l.parse().ok())
-                .collect();
-            let primary = *ips.first().ok_or_else(|| bad("local-ipv4s"))?;
-            out.push(EniInfo {
-                id: self.get(&p("interface-id")).await?.trim().to_string(),
-                mac: mac.to_string(),
-                device_number: self
-                    .get(&p("device-number"))
-                    .await?
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad("device-number"))?,
-                subnet_id: self.get(&p("subnet-id")).await?.trim().to_string(),
-                subnet_cidr: parse_cidr(&self.get(&p("subnet-ipv4-cidr-block")).await?)
-                    .ok_or_else(|| bad("subnet-ipv4-cidr-block"))?,
-                vpc_cidrs: lines(&self.get(&p("vpc-ipv4-cidr-blocks")).await?)
-                    .filter_map(parse_cidr)
-                    .collect(),
-                security_groups: lines(
-                    &self
-                        .get_opt(&p("security-group-ids"))
-                        .await?
-                        .unwrap_or_default(),
-                )
-                .map(str::to_string)
-                .collect(),
-                primary_ip: primary,
-                secondary_ips: ips[1..].to_vec(),
-                prefixes: lines(&self.get_opt(&p("ipv4-prefix")).await?.unwrap_or_default())
-                    .filter_map(parse_cidr)
-                    .collect(),
-                attachment_id: None,
-                tags: vec![],
-                status: "in-use".into(),
-            });
-        }
+        let macs = self.get(format!("{base}/")).await?;
+        let macs: Vec<&str> = lines(&macs).map(|m| m.trim_end_matches('/')).collect();
+        let mut out =
+            futures::future::try_join_all(macs.iter().map(|mac| self.eni(base, mac))).await?;
         out.sort_by_key(|e| e.device_number);
         Ok(out)
     }

@@ -101,13 +101,15 @@ async fn main() -> ExitCode {
     let host = host::NetlinkHost {
         veth_prefix: cfg.veth_prefix.clone(),
     };
-    let primary = match imds.enis().await {
-        Ok(e) => e.into_iter().find(|e| e.device_number == 0),
+    let (meta, enis) = match futures::try_join!(imds.instance(), imds.enis()) {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("ipamd: instance metadata: {e}");
             return ExitCode::from(1);
         }
     };
+    let primary = enis.iter().find(|e| e.device_number == 0).cloned();
+    let imds = aws::Prefetched { meta, enis };
     let mut sdk = aws::SdkEc2::from_env(cfg.ec2_endpoint.as_deref()).await;
     if let Some(p) = &primary {
         sdk = sdk.with_primary_subnet(p.subnet_id.clone(), p.subnet_cidr);

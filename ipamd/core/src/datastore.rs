@@ -487,6 +487,33 @@ impl Datastore {
         )
     }
 
+    /// Per ENI: (addresses held for pods, assigned).
+    pub fn eni_counts(&self) -> BTreeMap<EniId, (u32, u32)> {
+        let mut out: BTreeMap<EniId, (u32, u32)> =
+            self.enis.keys().map(|k| (k.clone(), (0, 0))).collect();
+        for (eni, slot) in self.addrs.values() {
+            let c = out.entry(eni.clone()).or_default();
+            c.0 += 1;
+            if matches!(slot, Slot::Assigned { .. }) {
+                c.1 += 1;
+            }
+        }
+        out
+    }
+
+    /// Per subnet: (addresses held for pods, assigned).
+    pub fn subnet_counts(&self) -> BTreeMap<String, (u32, u32)> {
+        let mut out: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        for (eni, (total, assigned)) in self.eni_counts() {
+            if let Some(e) = self.enis.get(&eni) {
+                let c = out.entry(e.subnet_id.clone()).or_default();
+                c.0 += total;
+                c.1 += assigned;
+            }
+        }
+        out
+    }
+
     /// Up to `n` free secondary IPs to hand back to EC2, from the highest device numbers first.
     pub fn releasable_ips(&self, n: u32) -> Vec<(EniId, Ipv4Addr)> {
         let mut out = Vec::new();
@@ -698,6 +725,8 @@ mod tests {
             .collect();
         assert_eq!(order, vec![0, 1, 2, 2]);
         assert_eq!(d.counts(0), (4, 4, 0, 0));
+        assert_eq!(d.eni_counts().get("eni-2"), Some(&(2, 2)));
+        assert_eq!(d.subnet_counts().get("subnet-1"), Some(&(4, 4)));
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub async fn connect(path: &Path, within: Duration) -> Result<Client, String> {
                 path.display()
             ));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
