@@ -15,7 +15,9 @@ use aws_sdk_ec2::types::{
     Filter, InstanceType, NetworkInterface, NetworkInterfaceAttachmentChanges, ResourceType, Tag,
     TagSpecification,
 };
-use ipamd_core::cloud::{CloudError, CloudResult, Ec2, EniInfo, Imds, InstanceMeta, NewEni};
+use ipamd_core::cloud::{
+    CNI_SUBNET_TAG, CloudError, CloudResult, Ec2, EniInfo, Imds, InstanceMeta, NewEni, SubnetInfo,
+};
 use ipamd_core::net::{Ipv4Net, parse_cidr};
 use ipamd_core::pool::Limits;
 
@@ -43,8 +45,8 @@ fn err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
 
 pub struct SdkEc2 {
     client: aws_sdk_ec2::Client,
-    /// ENIs created in the primary subnet carry its CIDR (EC2 does not return it).
-    primary_subnet: Option<(String, Ipv4Net)>,
+    /// Subnet CIDRs seen (DescribeNetworkInterfaces does not return them).
+    subnet_cidrs: std::sync::Mutex<std::collections::HashMap<String, Ipv4Net>>,
 }
 
 impl SdkEc2 {
@@ -60,24 +62,27 @@ impl SdkEc2 {
         }
         SdkEc2 {
             client: aws_sdk_ec2::Client::from_conf(b.build()),
-            primary_subnet: None,
+            subnet_cidrs: Default::default(),
         }
     }
 
-    pub fn with_primary_subnet(mut self, id: String, cidr: Ipv4Net) -> Self {
-        self.primary_subnet = Some((id, cidr));
+    pub fn with_primary_subnet(self, id: String, cidr: Ipv4Net) -> Self {
+        self.subnet_cidrs.lock().unwrap().insert(id, cidr);
         self
     }
 
     fn info(&self, n: &NetworkInterface) -> EniInfo {
         let subnet_id = n.subnet_id().unwrap_or_default().to_string();
-        let subnet_cidr = match &self.primary_subnet {
-            Some((id, cidr)) if *id == subnet_id => *cidr,
-            _ => Ipv4Net {
+        let subnet_cidr = self
+            .subnet_cidrs
+            .lock()
+            .unwrap()
+            .get(&subnet_id)
+            .copied()
+            .unwrap_or(Ipv4Net {
                 addr: Ipv4Addr::UNSPECIFIED,
                 len: 0,
-            },
-        };
+            });
         let primary: Ipv4Addr = n
             .private_ip_address()
             .and_then(|s| s.parse().ok())
@@ -92,6 +97,7 @@ impl SdkEc2 {
                 .max(0) as u32,
             subnet_id,
             subnet_cidr,
+            vpc_id: n.vpc_id().unwrap_or_default().to_string(),
             vpc_cidrs: vec![],
             security_groups: n
                 .groups()
@@ -194,6 +200,34 @@ impl Ec2 for SdkEc2 {
             filter(&format!("tag:{key}"), value),
         ])
         .await
+    }
+
+    async fn cni_subnets(&self, vpc_id: &str) -> CloudResult<Vec<SubnetInfo>> {
+        let r = self
+            .client
+            .describe_subnets()
+            .filters(filter("vpc-id", vpc_id))
+            .filters(filter("tag-key", CNI_SUBNET_TAG))
+            .send()
+            .await
+            .map_err(|e| err("DescribeSubnets", e))?;
+        let subnets: Vec<SubnetInfo> = r
+            .subnets()
+            .iter()
+            .filter_map(|s| {
+                Some(SubnetInfo {
+                    id: s.subnet_id()?.to_string(),
+                    cidr: parse_cidr(s.cidr_block()?)?,
+                    availability_zone: s.availability_zone().unwrap_or_default().to_string(),
+                    available_addresses: s.available_ip_address_count().unwrap_or(0).max(0) as u32,
+                })
+            })
+            .collect();
+        let mut known = self.subnet_cidrs.lock().unwrap();
+        for s in &subnets {
+            known.insert(s.id.clone(), s.cidr);
+        }
+        Ok(subnets)
     }
 
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
@@ -372,7 +406,7 @@ impl SdkImds {
     async fn eni(&self, base: &str, mac: &str) -> CloudResult<EniInfo> {
         let p = |k: &str| format!("{base}/{mac}/{k}");
         let bad = |what: &str| CloudError::new("IMDS", "BadValue", format!("{mac}: bad {what}"));
-        let (ips, id, dev, subnet, cidr, vpc, sgs, prefixes) = futures::try_join!(
+        let (ips, id, dev, subnet, cidr, vpc, sgs, prefixes, vpc_id) = futures::try_join!(
             self.get(p("local-ipv4s")),
             self.get(p("interface-id")),
             self.get(p("device-number")),
@@ -381,6 +415,7 @@ impl SdkImds {
             self.get(p("vpc-ipv4-cidr-blocks")),
             self.get_opt(p("security-group-ids")),
             self.get_opt(p("ipv4-prefix")),
+            self.get(p("vpc-id")),
         )?;
         let ips: Vec<Ipv4Addr> = lines(&ips).filter_map(|l| l.parse().ok()).collect();
         let primary = *ips.first().ok_or_else(|| bad("local-ipv4s"))?;
@@ -390,6 +425,7 @@ impl SdkImds {
             device_number: dev.trim().parse().map_err(|_| bad("device-number"))?,
             subnet_id: subnet.trim().to_string(),
             subnet_cidr: parse_cidr(&cidr).ok_or_else(|| bad("subnet-ipv4-cidr-block"))?,
+            vpc_id: vpc_id.trim().to_string(),
             vpc_cidrs: lines(&vpc).filter_map(parse_cidr).collect(),
             security_groups: lines(&sgs.unwrap_or_default())
                 .map(str::to_string)

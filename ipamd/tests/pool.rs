@@ -340,3 +340,86 @@ async fn no_free_prefix_falls_back_to_single_addresses() {
         d.log()
     );
 }
+
+async fn subnet_of_second_eni(discovery: &str) -> (String, String, String) {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let inst = ec2
+        .describe_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .unwrap();
+    let i = &inst.reservations()[0].instances()[0];
+    let (vpc, primary_subnet) = (
+        i.vpc_id().unwrap().to_string(),
+        i.subnet_id().unwrap().to_string(),
+    );
+    let mk = async |cidr: &str, tagged: bool| {
+        let mut b = ec2
+            .create_subnet()
+            .vpc_id(&vpc)
+            .cidr_block(cidr)
+            .availability_zone("us-west-2a");
+        if tagged {
+            b = b.tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Subnet)
+                    .tags(
+                        aws_sdk_ec2::types::Tag::builder()
+                            .key("kubernetes.io/role/cni")
+                            .value("1")
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        b.send()
+            .await
+            .unwrap()
+            .subnet()
+            .unwrap()
+            .subnet_id()
+            .unwrap()
+            .to_string()
+    };
+    // A tagged subnet with more room than the primary's /20, and a bigger untagged one.
+    let tagged = mk("10.0.32.0/19", true).await;
+    let _untagged = mk("10.0.64.0/18", false).await;
+    let d = Ipamd::start(&emu, &[("ENABLE_SUBNET_DISCOVERY", discovery)]);
+    let c = d.client().await;
+    for p in 0..3 {
+        assert!(c.add(&format!("s{p}")).await.unwrap().success);
+    }
+    let got = eventually(Duration::from_secs(20), 2, async || {
+        counts(&emu, &id).await.0
+    })
+    .await;
+    assert_eq!(got, 2, "{}", d.log());
+    let second = ec2_view(&emu, &id).await[1].0.clone();
+    let n = ec2
+        .describe_network_interfaces()
+        .network_interface_ids(&second)
+        .send()
+        .await
+        .unwrap();
+    (
+        n.network_interfaces()[0].subnet_id().unwrap().to_string(),
+        tagged,
+        primary_subnet,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnet_discovery_puts_new_enis_in_the_roomiest_tagged_subnet() {
+    let (got, tagged, _) = subnet_of_second_eni("true").await;
+    assert_eq!(got, tagged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_subnet_discovery_new_enis_share_the_primary_subnet() {
+    let (got, _, primary) = subnet_of_second_eni("false").await;
+    assert_eq!(got, primary);
+}

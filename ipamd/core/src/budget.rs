@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::cloud::{CloudResult, Ec2, EniInfo, NewEni};
+use crate::cloud::{CloudResult, Ec2, EniInfo, NewEni, SubnetInfo};
 use crate::net::Ipv4Net;
 use crate::pool::Limits;
 
@@ -223,6 +223,12 @@ impl<E: Ec2> Ec2 for Budgeted<E> {
     async fn unattached_enis_tagged(&self, k: &str, v: &str) -> CloudResult<Vec<EniInfo>> {
         self.call("DescribeNetworkInterfaces", Family::Describe, || {
             self.inner.unattached_enis_tagged(k, v)
+        })
+        .await
+    }
+    async fn cni_subnets(&self, vpc: &str) -> CloudResult<Vec<SubnetInfo>> {
+        self.call("DescribeSubnets", Family::Describe, || {
+            self.inner.cni_subnets(vpc)
         })
         .await
     }

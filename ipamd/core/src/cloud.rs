@@ -76,6 +76,7 @@ pub struct EniInfo {
     pub device_number: u32,
     pub subnet_id: String,
     pub subnet_cidr: Ipv4Net,
+    pub vpc_id: String,
     pub vpc_cidrs: Vec<Ipv4Net>,
     pub security_groups: Vec<String>,
     pub primary_ip: Ipv4Addr,
@@ -94,6 +95,18 @@ pub trait Imds: Send + Sync {
     async fn instance(&self) -> CloudResult<InstanceMeta>;
     async fn enis(&self) -> CloudResult<Vec<EniInfo>>;
 }
+
+/// A subnet as DescribeSubnets shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetInfo {
+    pub id: String,
+    pub cidr: Ipv4Net,
+    pub availability_zone: String,
+    pub available_addresses: u32,
+}
+
+/// The tag that marks subnets ipamd may put ENIs in (subnet discovery).
+pub const CNI_SUBNET_TAG: &str = "kubernetes.io/role/cni";
 
 /// What CreateNetworkInterface needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +133,8 @@ pub trait Ec2: Send + Sync {
         tag_key: &str,
         tag_value: &str,
     ) -> CloudResult<Vec<EniInfo>>;
+    /// DescribeSubnets (vpc-id, tag-key kubernetes.io/role/cni)
+    async fn cni_subnets(&self, vpc_id: &str) -> CloudResult<Vec<SubnetInfo>>;
     /// CreateNetworkInterface
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo>;
     /// AttachNetworkInterface; returns the attachment id.

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::{self, Journal, LoadError};
-use crate::cloud::{CloudError, Ec2, EniInfo, Imds, InstanceMeta, NewEni};
+use crate::cloud::{CloudError, Ec2, EniInfo, Imds, InstanceMeta, NewEni, SubnetInfo};
 use crate::config::Config;
 use crate::datastore::{Assignment, Datastore, Eni, PodRef, SandboxKey};
 use crate::net::Ipv4Net;
@@ -97,6 +97,8 @@ pub struct Node {
     pub meta: InstanceMeta,
     pub vpc_cidrs: Vec<String>,
     primary_subnet: String,
+    primary_subnet_cidr: Ipv4Net,
+    vpc_id: String,
     primary_sgs: Vec<String>,
     store: Mutex<Datastore>,
     journal: Journal,
@@ -178,6 +180,17 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     (secs >= 0).then(|| UNIX_EPOCH + Duration::from_secs(secs as u64))
+}
+
+/// The tagged subnet in `az` with the most free addresses; the primary's subnet if it
+/// is among them with more, or if none is tagged.
+pub fn pick_subnet(tagged: &[SubnetInfo], az: &str, primary: SubnetInfo) -> SubnetInfo {
+    tagged
+        .iter()
+        .filter(|s| s.availability_zone == az && s.available_addresses > 0)
+        .max_by_key(|s| (s.available_addresses, s.id == primary.id))
+        .cloned()
+        .unwrap_or(primary)
 }
 
 pub enum AddOutcome {
@@ -279,6 +292,7 @@ impl Node {
                 addr: Ipv4Addr::UNSPECIFIED,
                 len: 0,
             },
+            vpc_id: String::new(),
             vpc_cidrs: vec![],
             security_groups: vec![],
             primary_ip: meta.primary_ip,
@@ -291,6 +305,8 @@ impl Node {
         Ok(Arc::new(Node {
             vpc_cidrs: primary.vpc_cidrs.iter().map(|c| c.to_string()).collect(),
             primary_subnet: primary.subnet_id.clone(),
+            primary_subnet_cidr: primary.subnet_cidr,
+            vpc_id: primary.vpc_id.clone(),
             primary_sgs: primary.security_groups.clone(),
             cfg,
             meta,
@@ -881,10 +897,11 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
+        let subnet = self.subnet_for_new_eni().await;
         let created = self
             .ec2
             .create_eni(&NewEni {
-                subnet_id: self.primary_subnet.clone(),
+                subnet_id: subnet.id.clone(),
                 security_groups: self.primary_sgs.clone(),
                 description: format!("aws-K8S-{}", self.meta.instance_id),
                 tags,
@@ -918,6 +935,7 @@ impl Node {
         }
         let mut info = created;
         info.device_number = device;
+        info.subnet_cidr = subnet.cidr;
         info.attachment_id = Some(attachment);
         let id = info.id.clone();
         self.store.lock().unwrap().add_eni(store_eni(&info, false));
@@ -927,6 +945,28 @@ impl Node {
             info.prefixes.len()
         );
         Ok(id)
+    }
+
+    /// Subnet discovery: the subnet tagged kubernetes.io/role/cni in this VPC and AZ with
+    /// the most free addresses (the primary ENI's subnet competes too); without the knob,
+    /// or when EC2 cannot say, the primary ENI's subnet.
+    async fn subnet_for_new_eni(&self) -> SubnetInfo {
+        let primary = SubnetInfo {
+            id: self.primary_subnet.clone(),
+            cidr: self.primary_subnet_cidr,
+            availability_zone: self.meta.availability_zone.clone(),
+            available_addresses: 0,
+        };
+        if !self.cfg.enable_subnet_discovery || self.vpc_id.is_empty() {
+            return primary;
+        }
+        match self.ec2.cni_subnets(&self.vpc_id).await {
+            Ok(subnets) => pick_subnet(&subnets, &self.meta.availability_zone, primary),
+            Err(e) => {
+                warn!("subnet discovery failed, using the primary ENI's subnet: {e}");
+                primary
+            }
+        }
     }
 
     /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses.
@@ -1043,6 +1083,7 @@ mod tests {
                 device_number: 0,
                 subnet_id: "subnet-1".into(),
                 subnet_cidr: parse_cidr("10.0.0.0/24").unwrap(),
+                vpc_id: "vpc-1".into(),
                 vpc_cidrs: vec![parse_cidr("10.0.0.0/16").unwrap()],
                 security_groups: vec![],
                 primary_ip: "10.0.0.4".parse().unwrap(),
@@ -1078,6 +1119,9 @@ mod tests {
             none()
         }
         async fn unattached_enis_tagged(&self, _: &str, _: &str) -> CloudResult<Vec<EniInfo>> {
+            none()
+        }
+        async fn cni_subnets(&self, _: &str) -> CloudResult<Vec<SubnetInfo>> {
             none()
         }
         async fn create_eni(&self, _: &NewEni) -> CloudResult<EniInfo> {
@@ -1165,6 +1209,44 @@ mod tests {
             .filter_map(|e| e.ok())
             .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
         assert!(aside);
+    }
+
+    #[test]
+    fn subnet_discovery_picks_the_most_free_tagged_subnet_in_the_az() {
+        let sub = |id: &str, az: &str, free: u32| SubnetInfo {
+            id: id.into(),
+            cidr: parse_cidr("10.0.0.0/24").unwrap(),
+            availability_zone: az.into(),
+            available_addresses: free,
+        };
+        let primary = sub("subnet-p", "us-west-2a", 0);
+        let tagged = [
+            sub("subnet-a", "us-west-2a", 100),
+            sub("subnet-b", "us-west-2a", 4000),
+            sub("subnet-c", "us-west-2b", 9000),
+        ];
+        assert_eq!(
+            pick_subnet(&tagged, "us-west-2a", primary.clone()).id,
+            "subnet-b"
+        );
+        assert_eq!(
+            pick_subnet(&[], "us-west-2a", primary.clone()).id,
+            "subnet-p"
+        );
+        assert_eq!(
+            pick_subnet(
+                &[sub("subnet-c", "us-west-2b", 9000)],
+                "us-west-2a",
+                primary.clone()
+            )
+            .id,
+            "subnet-p"
+        );
+        assert_eq!(
+            pick_subnet(&[sub("subnet-a", "us-west-2a", 0)], "us-west-2a", primary).id,
+            "subnet-p",
+            "a full subnet is no choice"
+        );
     }
 
     #[test]
