@@ -46,6 +46,8 @@ pub struct Eni {
     pub subnet_id: String,
     pub subnet_cidr: Ipv4Net,
     pub primary_ip: Ipv4Addr,
+    /// Known from our attach or a describe: detaching needs no describe then.
+    pub attachment_id: Option<String>,
     pub first_seen: Instant,
     /// Secondary IPs held for pods.
     pub ips: BTreeSet<Ipv4Addr>,
@@ -205,6 +207,12 @@ impl Datastore {
 
     pub fn eni(&self, id: &str) -> Option<&Eni> {
         self.enis.get(id)
+    }
+
+    pub fn set_attachment(&mut self, id: &str, attachment: Option<String>) {
+        if let (Some(e), Some(a)) = (self.enis.get_mut(id), attachment) {
+            e.attachment_id = Some(a);
+        }
     }
 
     pub fn enis(&self) -> impl Iterator<Item = &Eni> {
@@ -583,6 +591,7 @@ mod tests {
             subnet_id: "subnet-1".into(),
             subnet_cidr: parse_cidr("10.0.0.0/24").unwrap(),
             primary_ip: format!("10.0.0.{}", 100 + dev).parse().unwrap(),
+            attachment_id: None,
             first_seen: Instant::now(),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             prefixes: BTreeSet::new(),

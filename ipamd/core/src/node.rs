@@ -129,6 +129,7 @@ fn store_eni(e: &EniInfo, is_primary: bool) -> Eni {
         subnet_id: e.subnet_id.clone(),
         subnet_cidr: e.subnet_cidr,
         primary_ip: e.primary_ip,
+        attachment_id: e.attachment_id.clone(),
         first_seen: Instant::now(),
         ips: e.secondary_ips.iter().copied().collect(),
         prefixes: e.prefixes.iter().copied().collect(),
@@ -819,7 +820,10 @@ impl Node {
             self.record(state, decision, "no ENI old enough and empty");
             return false;
         };
-        match self.detach_and_delete(&eni.id).await {
+        match self
+            .detach_and_delete(&eni.id, eni.attachment_id.clone())
+            .await
+        {
             Ok(()) => {
                 info!("freed {} (device {})", eni.id, eni.device_number);
                 self.record(state, decision, format!("freed {}", eni.id));
@@ -836,13 +840,24 @@ impl Node {
 
     /// Detach, wait until EC2 lets go, delete. A failure after the detach leaves an
     /// unattached tagged ENI that the leaked-ENI sweep removes.
-    async fn detach_and_delete(&self, eni_id: &str) -> Result<(), CloudError> {
-        let enis = self.ec2.instance_enis(&self.meta.instance_id).await?;
-        if let Some(att) = enis
-            .iter()
-            .find(|e| e.id == eni_id)
-            .and_then(|e| e.attachment_id.clone())
-        {
+    async fn detach_and_delete(
+        &self,
+        eni_id: &str,
+        known: Option<String>,
+    ) -> Result<(), CloudError> {
+        // The attachment id is cached from our attach or the last reconcile; describe only
+        // when it is not known.
+        let attachment = match known {
+            Some(a) => Some(a),
+            None => self
+                .ec2
+                .instance_enis(&self.meta.instance_id)
+                .await?
+                .into_iter()
+                .find(|e| e.id == eni_id)
+                .and_then(|e| e.attachment_id),
+        };
+        if let Some(att) = attachment {
             self.ec2.detach_eni(&att).await?;
         }
         let deadline = Instant::now() + self.timing.detach_timeout;
@@ -983,6 +998,7 @@ impl Node {
             if s.eni(&e.id).is_none() {
                 s.add_eni(store_eni(e, e.device_number == 0));
             } else {
+                s.set_attachment(&e.id, e.attachment_id.clone());
                 let _ = s.add_ips(&e.id, &e.secondary_ips);
                 for p in &e.prefixes {
                     let _ = s.add_prefix(&e.id, *p);
