@@ -19,14 +19,7 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const TO_POD_RULE_PRIORITY: u32 = 512;
 pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
 
-/// `prefix` + the first 11 hex characters of sha1("<namespace>.<pod name>"), as
-/// upstream names it, so tools that look for a pod's veth keep working.
-pub fn host_veth_name(prefix: &str, namespace: &str, pod_name: &str) -> String {
-    let digest = sha1_smol::Sha1::from(format!("{namespace}.{pod_name}"))
-        .digest()
-        .to_string();
-    format!("{prefix}{}", &digest[..11])
-}
+pub use vpc_cni_proto::host_veth_name;
 
 /// What to build for one pod.
 #[derive(Debug, Clone)]
@@ -248,20 +241,4 @@ pub async fn check(host: &Netlink, pod: &Netlink, spec: &PodSpec) -> NlResult<Ve
         ));
     }
     Ok(wrong)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn veth_name_matches_upstream() {
-        // printf 'default.nginx' | sha1sum  ->  c440f455693...
-        assert_eq!(
-            super::host_veth_name("eni", "default", "nginx"),
-            "enic440f455693"
-        );
-        assert_eq!(
-            super::host_veth_name("pod", "default", "nginx"),
-            "podc440f455693"
-        );
-    }
 }

@@ -15,3 +15,30 @@ pub mod health {
 
 /// The health service name ipamd reports under (upstream's name).
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.aws-node";
+
+/// The host veth of a pod: `prefix` + the first 11 hex characters of
+/// sha1("<namespace>.<pod name>"), as upstream names it. The plugin creates it by this
+/// name and ipamd finds a pod's assignment by it after rebuilding from host routes, so
+/// both sides take it from here.
+pub fn host_veth_name(prefix: &str, namespace: &str, pod_name: &str) -> String {
+    let digest = sha1_smol::Sha1::from(format!("{namespace}.{pod_name}"))
+        .digest()
+        .to_string();
+    format!("{prefix}{}", &digest[..11])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn veth_name_matches_upstream() {
+        // printf 'default.nginx' | sha1sum  ->  c440f455693...
+        assert_eq!(
+            super::host_veth_name("eni", "default", "nginx"),
+            "enic440f455693"
+        );
+        assert_eq!(
+            super::host_veth_name("pod", "default", "nginx"),
+            "podc440f455693"
+        );
+    }
+}

@@ -136,13 +136,7 @@ fn store_eni(e: &EniInfo, is_primary: bool) -> Eni {
     }
 }
 
-/// The host veth name the plugin gives a pod (prefix + 11 hex of sha1("ns.name")).
-pub fn host_veth_name(prefix: &str, namespace: &str, pod: &str) -> String {
-    let d = sha1_smol::Sha1::from(format!("{namespace}.{pod}"))
-        .digest()
-        .to_string();
-    format!("{prefix}{}", &d[..11])
-}
+pub use vpc_cni_proto::host_veth_name;
 
 fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
@@ -1276,13 +1270,5 @@ mod tests {
             Some(())
         );
         assert!(super::parse_rfc3339("yesterday").is_none());
-    }
-
-    #[test]
-    fn veth_name() {
-        assert_eq!(
-            super::host_veth_name("eni", "default", "nginx"),
-            "enic440f455693"
-        );
     }
 }
