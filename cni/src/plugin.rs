@@ -358,19 +358,25 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     .await;
 
     // 2. Remove the pod's interface, if its namespace is still there.
-    let host = Netlink::connect().map_err(|e| {
-        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
-    })?;
+    let sides = if env.netns.is_empty() {
+        None
+    } else {
+        open_pod_ns(&env.netns)?
+    };
     let mut netns_ip = None;
-    if !env.netns.is_empty()
-        && let Some(sides) = open_pod_ns(&env.netns)?
-    {
-        netns_ip = datapath::remove_pod_interface(&sides.pod, &env.if_name)
-            .await
-            .map_err(|e| {
-                CniError::datapath("could not remove the pod interface").with_details(e)
-            })?;
-    }
+    let host = match sides {
+        Some(sides) => {
+            netns_ip = datapath::remove_pod_interface(&sides.pod, &env.if_name)
+                .await
+                .map_err(|e| {
+                    CniError::datapath("could not remove the pod interface").with_details(e)
+                })?;
+            sides.host
+        }
+        None => Netlink::connect().map_err(|e| {
+            CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
+        })?,
+    };
 
     // 3. Remove the host rules of the address that was this container's.
     let ip = match &released {

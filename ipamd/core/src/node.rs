@@ -354,6 +354,9 @@ impl Node {
                 match s.assign(&key, &pod, now_ns()) {
                     Ok((a, new)) => {
                         let wake = self.wants_pool(&mut s);
+                        // A repeated ADD is recorded again on purpose: the first one's line
+                        // may still be queued, and ours, behind it, answers only once both
+                        // are written.
                         Some((self.journal.record_add(&a), a, new, wake))
                     }
                     Err(_) => None,
