@@ -8,14 +8,14 @@ use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-pub use netlink_packet_route::neighbour::NeighbourState as NeighbourStateExport;
+pub use netlink_packet_route::neighbour::NeighbourState;
 
 pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
@@ -23,7 +23,6 @@ const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
-const EADDRNOTAVAIL: i32 = 99;
 
 /// A netlink failure with the operation that failed, for the CNI error's details.
 #[derive(Debug, Clone)]
@@ -112,7 +111,6 @@ pub struct Rule {
     pub table: u32,
     pub from: Option<(Ipv4Addr, u8)>,
     pub to: Option<(Ipv4Addr, u8)>,
-    pub fwmark: Option<u32>,
     msg: RuleMessage,
 }
 
@@ -372,7 +370,6 @@ impl Netlink {
                     table: m.header.table as u32,
                     from: None,
                     to: None,
-                    fwmark: None,
                     msg: RuleMessage::default(),
                 };
                 for a in &m.attributes {
@@ -385,7 +382,6 @@ impl Netlink {
                         RuleAttribute::Destination(IpAddr::V4(d)) => {
                             r.to = Some((*d, m.header.dst_len))
                         }
-                        RuleAttribute::FwMark(f) => r.fwmark = Some(*f),
                         _ => {}
                     }
                 }
@@ -464,9 +460,4 @@ impl Netlink {
             })
             .collect())
     }
-}
-
-/// Errors of deleting an address that is already gone.
-pub fn is_gone(e: &NlError) -> bool {
-    e.is(&[ENOENT, ENODEV, ESRCH, EADDRNOTAVAIL])
 }

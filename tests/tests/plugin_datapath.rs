@@ -14,7 +14,7 @@ use vpc_cni_tests::require_root;
 
 mod netlink_state {
     use super::*;
-    use aws_cni::netlink::NeighbourStateExport as NeighbourState;
+    use aws_cni::netlink::NeighbourState;
 
     /// What the kernel holds for one pod, read with netlink.
     #[derive(Debug)]

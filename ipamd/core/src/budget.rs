@@ -109,21 +109,6 @@ impl<E: Ec2> Budgeted<E> {
         self.stats.lock().unwrap().clone()
     }
 
-    /// Tokens left per family (for introspection).
-    pub fn tokens(&self) -> Vec<(Family, f64)> {
-        let mut b = self.buckets.lock().unwrap();
-        let now = Instant::now();
-        b.iter_mut()
-            .map(|(f, bucket)| {
-                let dt = now.duration_since(bucket.at).as_secs_f64();
-                (
-                    *f,
-                    (bucket.tokens + dt * bucket.per_sec).min(bucket.capacity),
-                )
-            })
-            .collect()
-    }
-
     async fn acquire(&self, fam: Family) {
         loop {
             let wait = self

@@ -456,10 +456,6 @@ impl Node {
         self.store.lock().unwrap().assignments()
     }
 
-    pub fn enis(&self) -> Vec<Eni> {
-        self.store.lock().unwrap().enis().cloned().collect()
-    }
-
     pub fn decisions(&self) -> Vec<DecisionRecord> {
         self.runtime.lock().unwrap().decisions.clone()
     }

@@ -5,8 +5,8 @@
 //! cargo build --release -p aws-cni && cargo run --release -p vpc-cni-tests --bin bench-plugin
 
 use std::net::Ipv4Addr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vpc_cni_tests::fake_ipamd::FakeIpamd;
@@ -146,5 +146,4 @@ fn main() {
         assert!(!left.contains(" eni"), "DEL left veths behind");
         drop(netns);
     }
-    let _ = Arc::new(());
 }
