@@ -11,6 +11,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+use crate::fake_ipamd::FakeIpamd;
+use crate::netns::Node;
+
 /// The plugin binary: `$AWS_CNI_BIN`, or the workspace's target dir (debug, or release
 /// for benchmarks). Build it first with `cargo build -p aws-cni`.
 pub fn plugin_bin(release: bool) -> PathBuf {
@@ -150,4 +153,35 @@ pub fn netconf(version: &str, socket: &str, log: &str, extra: &[(&str, Value)]) 
         v[*k] = val.clone();
     }
     v.to_string()
+}
+
+/// A node namespace, the test daemon and the plugin binary: what every plugin test needs.
+pub struct World {
+    pub node: Node,
+    pub ipamd: FakeIpamd,
+    pub log: String,
+    pub bin: PathBuf,
+}
+
+impl World {
+    /// The daemon serves `pool` (address, ENI device number).
+    pub fn new(pool: Vec<(std::net::Ipv4Addr, i32)>) -> World {
+        crate::require_root();
+        let ipamd = FakeIpamd::start(pool);
+        let log = ipamd.dir.join("plugin.log").display().to_string();
+        World {
+            node: Node::new("192.168.0.10"),
+            ipamd,
+            log,
+            bin: plugin_bin(false),
+        }
+    }
+
+    pub fn conf(&self, version: &str, extra: &[(&str, Value)]) -> String {
+        netconf(version, &self.ipamd.socket_str(), &self.log, extra)
+    }
+
+    pub fn run(&self, inv: &Invocation, stdin: &str) -> Output {
+        run(&self.bin, Some(&self.node.ns.path()), inv, stdin)
+    }
 }

@@ -6,11 +6,10 @@ use std::net::Ipv4Addr;
 use aws_cni::datapath::{GATEWAY, host_veth_name};
 use aws_cni::netlink::{MAIN_TABLE, Netlink, format_mac};
 use netlink_state::*;
-use serde_json::{Value, json};
-use vpc_cni_tests::fake_ipamd::{Call, FakeIpamd};
-use vpc_cni_tests::netns::{Node, TestNs};
-use vpc_cni_tests::plugin::{Invocation, Output, netconf, plugin_bin, run};
-use vpc_cni_tests::require_root;
+use serde_json::json;
+use vpc_cni_tests::fake_ipamd::Call;
+use vpc_cni_tests::netns::TestNs;
+use vpc_cni_tests::plugin::{Invocation, World};
 
 mod netlink_state {
     use super::*;
@@ -98,46 +97,17 @@ mod netlink_state {
     }
 }
 
-struct World {
-    node: Node,
-    ipamd: FakeIpamd,
-    log: String,
-    bin: std::path::PathBuf,
-    rt: tokio::runtime::Runtime,
-}
-
-impl World {
-    fn new(pool: Vec<(Ipv4Addr, i32)>) -> World {
-        require_root();
-        let ipamd = FakeIpamd::start(pool);
-        let log = ipamd.dir.join("plugin.log").display().to_string();
-        World {
-            node: Node::new("192.168.0.10"),
-            ipamd,
-            log,
-            bin: plugin_bin(false),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
-    }
-
-    fn conf(&self, version: &str, extra: &[(&str, Value)]) -> String {
-        netconf(version, &self.ipamd.socket_str(), &self.log, extra)
-    }
-
-    fn run(&self, inv: &Invocation, stdin: &str) -> Output {
-        run(&self.bin, Some(&self.node.ns.path()), inv, stdin)
-    }
-
-    fn state(&self, pod: Option<&TestNs>, veth: &str, ip: Ipv4Addr) -> PodState {
-        self.rt.block_on(async {
-            let node = self.node.ns.netlink();
-            let pod_nl = pod.map(|p| p.netlink());
-            read(&node, pod_nl.as_ref(), veth, ip).await
-        })
-    }
+/// What the kernel holds for one pod, read with netlink inside the test's namespaces.
+fn state(w: &World, pod: Option<&TestNs>, veth: &str, ip: Ipv4Addr) -> PodState {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let node = w.node.ns.netlink();
+        let pod_nl = pod.map(|p| p.netlink());
+        read(&node, pod_nl.as_ref(), veth, ip).await
+    })
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -153,7 +123,7 @@ fn add_builds_the_datapath_and_del_removes_it() {
     assert!(out.success, "ADD failed: {} {}", out.stdout, out.stderr);
 
     let veth = host_veth_name("eni", "default", "nginx");
-    let s = w.state(Some(&pod), &veth, ip("10.0.1.10"));
+    let s = state(&w, Some(&pod), &veth, ip("10.0.1.10"));
     assert_eq!(s.pod_addrs, vec![(ip("10.0.1.10"), 32)]);
     assert!(s.pod_gw_route, "169.254.1.1/32 scope link route: {s:?}");
     assert!(s.pod_default_route, "default via 169.254.1.1: {s:?}");
@@ -212,7 +182,7 @@ fn add_builds_the_datapath_and_del_removes_it() {
     );
     assert!(del.success, "DEL: {}", del.stdout);
     assert!(del.stdout.is_empty(), "DEL prints nothing: {}", del.stdout);
-    let s = w.state(Some(&pod), &veth, ip("10.0.1.10"));
+    let s = state(&w, Some(&pod), &veth, ip("10.0.1.10"));
     assert!(s.nothing_left(), "left behind: {s:?}");
     assert_eq!(w.ipamd.assigned_count(), 0);
 
@@ -229,13 +199,13 @@ fn add_builds_the_datapath_and_del_removes_it() {
 
 #[test]
 fn secondary_eni_address_gets_its_from_rule() {
-    let w = World::new(vec![(ip("10.0.2.20"), 2)]);
+    let mut w = World::new(vec![(ip("10.0.2.20"), 2)]);
     let pod = TestNs::new("pod");
     let inv = Invocation::new("ADD", "c-sec-1", &pod.path(), "kube-system", "coredns-1");
     let out = w.run(&inv, &w.conf("1.0.0", &[]));
     assert!(out.success, "{}", out.stdout);
     let veth = host_veth_name("eni", "kube-system", "coredns-1");
-    let s = w.state(Some(&pod), &veth, ip("10.0.2.20"));
+    let s = state(&w, Some(&pod), &veth, ip("10.0.2.20"));
     assert_eq!(
         s.rule_from_table,
         Some(3),
@@ -243,30 +213,26 @@ fn secondary_eni_address_gets_its_from_rule() {
     );
     assert!(s.rule_to);
     // ipamd unreachable: DEL tears down from prevResult and still succeeds.
-    let mut ipamd = w.ipamd;
-    ipamd.stop();
-    let w = World { ipamd, ..w };
+    w.ipamd.stop();
     let del = w.run(
         &inv.with_command("DEL"),
         &w.conf("1.0.0", &[("prevResult", out.json.clone())]),
     );
     assert!(del.success, "DEL with ipamd down: {}", del.stdout);
-    assert!(w.state(Some(&pod), &veth, ip("10.0.2.20")).nothing_left());
+    assert!(state(&w, Some(&pod), &veth, ip("10.0.2.20")).nothing_left());
 }
 
 #[test]
 fn del_with_ipamd_down_and_no_prev_result_uses_the_netns() {
-    let w = World::new(vec![(ip("10.0.2.21"), 1)]);
+    let mut w = World::new(vec![(ip("10.0.2.21"), 1)]);
     let pod = TestNs::new("pod");
     let inv = Invocation::new("ADD", "c-nop-1", &pod.path(), "default", "nop");
     assert!(w.run(&inv, &w.conf("0.4.0", &[])).success);
-    let mut ipamd = w.ipamd;
-    ipamd.stop();
-    let w = World { ipamd, ..w };
+    w.ipamd.stop();
     let del = w.run(&inv.with_command("DEL"), &w.conf("0.4.0", &[]));
     assert!(del.success, "{}", del.stdout);
     let veth = host_veth_name("eni", "default", "nop");
-    assert!(w.state(Some(&pod), &veth, ip("10.0.2.21")).nothing_left());
+    assert!(state(&w, Some(&pod), &veth, ip("10.0.2.21")).nothing_left());
 }
 
 #[test]
@@ -387,22 +353,20 @@ fn repeated_add_for_one_sandbox_is_idempotent() {
             .success
     );
     let veth = host_veth_name("eni", "default", "twice");
-    assert!(w.state(Some(&pod), &veth, ip("10.0.1.60")).nothing_left());
+    assert!(state(&w, Some(&pod), &veth, ip("10.0.1.60")).nothing_left());
 }
 
 #[test]
 fn status_reflects_ipamd_health() {
     use vpc_cni_proto::health::health_check_response::ServingStatus;
-    let w = World::new(vec![]);
+    let mut w = World::new(vec![]);
     let inv = Invocation::new("STATUS", "", "", "", "");
     let ok = w.run(&inv, &w.conf("1.1.0", &[]));
     assert!(ok.success, "{}", ok.stdout);
     w.ipamd.set_health(ServingStatus::NotServing);
     let busy = w.run(&inv, &w.conf("1.1.0", &[]));
     assert_eq!(busy.code(), Some(50), "{}", busy.stdout);
-    let mut ipamd = w.ipamd;
-    ipamd.stop();
-    let w = World { ipamd, ..w };
+    w.ipamd.stop();
     let down = w.run(&inv, &w.conf("1.1.0", &[]));
     assert_eq!(down.code(), Some(50), "{}", down.stdout);
     assert!(down.msg().contains("unreachable"), "{}", down.msg());
@@ -432,12 +396,13 @@ fn gc_releases_what_the_runtime_no_longer_knows() {
     assert!(out.success, "{}", out.stdout);
     assert_eq!(w.ipamd.assigned_count(), 1);
     let veth = host_veth_name("eni", "default", "gone");
-    let s = w.state(None, &veth, ip("10.0.1.71"));
+    let s = state(&w, None, &veth, ip("10.0.1.71"));
     assert!(
         !s.rule_to && s.rule_from_table.is_none(),
         "stale rules removed: {s:?}"
     );
-    let kept = w.state(
+    let kept = state(
+        &w,
         Some(&keep),
         &host_veth_name("eni", "default", "keep"),
         ip("10.0.1.70"),

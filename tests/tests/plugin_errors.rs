@@ -4,57 +4,35 @@
 use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
-use vpc_cni_tests::fake_ipamd::{Call, FakeIpamd, Mode};
-use vpc_cni_tests::netns::{Node, TestNs};
-use vpc_cni_tests::plugin::{Invocation, Output, netconf, plugin_bin, run};
-use vpc_cni_tests::require_root;
+use vpc_cni_tests::fake_ipamd::{Call, Mode};
+use vpc_cni_tests::netns::TestNs;
+use vpc_cni_tests::plugin::{Invocation, Output, World, netconf};
 
-struct World {
-    node: Node,
-    ipamd: FakeIpamd,
-    log: String,
-    bin: std::path::PathBuf,
+fn world() -> World {
+    World::new(vec![("10.0.9.1".parse::<Ipv4Addr>().unwrap(), 1)])
 }
 
-impl World {
-    fn new() -> World {
-        require_root();
-        let ipamd = FakeIpamd::start(vec![("10.0.9.1".parse::<Ipv4Addr>().unwrap(), 1)]);
-        let log = ipamd.dir.join("plugin.log").display().to_string();
-        World {
-            node: Node::new("192.168.0.10"),
-            ipamd,
-            log,
-            bin: plugin_bin(false),
-        }
-    }
+fn conf(w: &World, extra: &[(&str, Value)]) -> String {
+    w.conf("1.0.0", extra)
+}
 
-    fn conf(&self, extra: &[(&str, Value)]) -> String {
-        netconf("1.0.0", &self.ipamd.socket_str(), &self.log, extra)
-    }
+/// Nothing of a pod exists on the node: no veth but eth0/eth0-peer, no pod rules.
+fn node_is_clean(w: &World) {
+    let links = w.node.ns.exec(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains(" eni"), "a host veth was left: {links}");
+    let rules = w.node.ns.exec(&["ip", "rule", "show"]);
+    assert!(
+        !rules.contains("512:") && !rules.contains("1536:"),
+        "rules left: {rules}"
+    );
+}
 
-    fn run(&self, inv: &Invocation, stdin: &str) -> Output {
-        run(&self.bin, Some(&self.node.ns.path()), inv, stdin)
-    }
-
-    /// Nothing of a pod exists on the node: no veth but eth0/eth0-peer, no pod rules.
-    fn node_is_clean(&self) {
-        let links = self.node.ns.exec(&["ip", "-o", "link", "show"]);
-        assert!(!links.contains(" eni"), "a host veth was left: {links}");
-        let rules = self.node.ns.exec(&["ip", "rule", "show"]);
-        assert!(
-            !rules.contains("512:") && !rules.contains("1536:"),
-            "rules left: {rules}"
-        );
-    }
-
-    fn adds_and_dels(&self) -> (usize, usize) {
-        let calls = self.ipamd.calls();
-        (
-            calls.iter().filter(|c| matches!(c, Call::Add(_))).count(),
-            calls.iter().filter(|c| matches!(c, Call::Del(_))).count(),
-        )
-    }
+fn adds_and_dels(w: &World) -> (usize, usize) {
+    let calls = w.ipamd.calls();
+    (
+        calls.iter().filter(|c| matches!(c, Call::Add(_))).count(),
+        calls.iter().filter(|c| matches!(c, Call::Del(_))).count(),
+    )
 }
 
 fn assert_error(out: &Output, code: u64, msg_has: &str) {
@@ -75,19 +53,19 @@ fn assert_error(out: &Output, code: u64, msg_has: &str) {
 
 #[test]
 fn malformed_json_is_a_decode_error() {
-    let w = World::new();
+    let w = world();
     let pod = TestNs::new("pod");
     let out = w.run(
         &Invocation::new("ADD", "c1", &pod.path(), "d", "p"),
         "{\"cniVersion\": \"1.0.0\", ",
     );
     assert_error(&out, 6, "not valid JSON");
-    assert_eq!(w.adds_and_dels(), (0, 0));
+    assert_eq!(adds_and_dels(&w), (0, 0));
 }
 
 #[test]
 fn unknown_cni_version_is_incompatible() {
-    let w = World::new();
+    let w = world();
     let pod = TestNs::new("pod");
     let conf = netconf("2.5.0", &w.ipamd.socket_str(), &w.log, &[]);
     let out = w.run(&Invocation::new("ADD", "c1", &pod.path(), "d", "p"), &conf);
@@ -97,22 +75,22 @@ fn unknown_cni_version_is_incompatible() {
 
 #[test]
 fn add_without_cni_netns_is_an_environment_error() {
-    let w = World::new();
-    let out = w.run(&Invocation::new("ADD", "c1", "", "d", "p"), &w.conf(&[]));
+    let w = world();
+    let out = w.run(&Invocation::new("ADD", "c1", "", "d", "p"), &conf(&w, &[]));
     assert_error(&out, 4, "CNI_NETNS");
-    assert_eq!(w.adds_and_dels(), (0, 0));
+    assert_eq!(adds_and_dels(&w), (0, 0));
 }
 
 #[test]
 fn netns_path_that_does_not_exist() {
-    let w = World::new();
+    let w = world();
     let out = w.run(
         &Invocation::new("ADD", "c1", "/var/run/netns/no-such-pod-ns", "d", "p"),
-        &w.conf(&[]),
+        &conf(&w, &[]),
     );
     assert_error(&out, 3, "/var/run/netns/no-such-pod-ns");
     assert_eq!(
-        w.adds_and_dels(),
+        adds_and_dels(&w),
         (0, 0),
         "no address taken for a missing namespace"
     );
@@ -120,35 +98,35 @@ fn netns_path_that_does_not_exist() {
 
 #[test]
 fn netns_path_that_is_not_a_namespace() {
-    let w = World::new();
+    let w = world();
     let file = w.ipamd.dir.join("not-a-netns");
     std::fs::write(&file, b"x").unwrap();
     let out = w.run(
         &Invocation::new("ADD", "c1", file.to_str().unwrap(), "d", "p"),
-        &w.conf(&[]),
+        &conf(&w, &[]),
     );
     assert_error(&out, 4, "not a network namespace");
 }
 
 #[test]
 fn veth_prefix_too_long() {
-    let w = World::new();
+    let w = world();
     let pod = TestNs::new("pod");
     let out = w.run(
         &Invocation::new("ADD", "c1", &pod.path(), "d", "p"),
-        &w.conf(&[("vethPrefix", json!("abcde"))]),
+        &conf(&w, &[("vethPrefix", json!("abcde"))]),
     );
     assert_error(&out, 7, "vethPrefix \"abcde\"");
 }
 
 #[test]
 fn mtu_out_of_range() {
-    let w = World::new();
+    let w = world();
     let pod = TestNs::new("pod");
     for bad in [json!(9002), json!("100"), json!("jumbo")] {
         let out = w.run(
             &Invocation::new("ADD", "c1", &pod.path(), "d", "p"),
-            &w.conf(&[("mtu", bad.clone())]),
+            &conf(&w, &[("mtu", bad.clone())]),
         );
         assert_error(&out, 7, "mtu");
     }
@@ -156,12 +134,12 @@ fn mtu_out_of_range() {
 
 #[test]
 fn ipamd_down_on_add_is_try_again_later() {
-    let mut w = World::new();
+    let mut w = world();
     w.ipamd.stop();
     let pod = TestNs::new("pod");
     let out = w.run(
         &Invocation::new("ADD", "c1", &pod.path(), "d", "p"),
-        &w.conf(&[]),
+        &conf(&w, &[]),
     );
     assert_error(&out, 11, "unreachable");
     assert!(
@@ -169,87 +147,87 @@ fn ipamd_down_on_add_is_try_again_later() {
         "names the socket: {}",
         out.msg()
     );
-    w.node_is_clean();
+    node_is_clean(&w);
     assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]));
 }
 
 #[test]
 fn ipamd_without_a_free_address_is_try_again_later() {
-    let w = World::new();
+    let w = world();
     w.ipamd.set_mode(Mode::NoAddress);
     let pod = TestNs::new("pod");
     let out = w.run(
         &Invocation::new("ADD", "c1", &pod.path(), "team-a", "web"),
-        &w.conf(&[]),
+        &conf(&w, &[]),
     );
     assert_error(&out, 11, "team-a/web");
-    w.node_is_clean();
+    node_is_clean(&w);
 }
 
 #[test]
 fn a_bad_address_from_ipamd_is_handed_back() {
-    let w = World::new();
+    let w = world();
     w.ipamd.set_mode(Mode::BadAddress("10.0.0.300".into()));
     let pod = TestNs::new("pod");
     let out = w.run(
         &Invocation::new("ADD", "c1", &pod.path(), "d", "p"),
-        &w.conf(&[]),
+        &conf(&w, &[]),
     );
     assert_error(&out, 101, "10.0.0.300");
-    assert_eq!(w.adds_and_dels(), (1, 1), "the address was released");
+    assert_eq!(adds_and_dels(&w), (1, 1), "the address was released");
     assert_eq!(w.ipamd.assigned_count(), 0);
-    w.node_is_clean();
+    node_is_clean(&w);
 }
 
 #[test]
 fn datapath_failure_cleans_up_and_hands_the_address_back() {
-    let w = World::new();
+    let w = world();
     let pod = TestNs::new("pod");
     // The kernel refuses to replace the pod's loopback: setup fails after ipamd answered.
     let mut inv = Invocation::new("ADD", "c1", &pod.path(), "d", "p");
     inv.if_name = "lo".into();
-    let out = w.run(&inv, &w.conf(&[]));
+    let out = w.run(&inv, &conf(&w, &[]));
     assert_error(&out, 100, "10.0.9.1");
-    assert_eq!(w.adds_and_dels(), (1, 1), "the address was released");
+    assert_eq!(adds_and_dels(&w), (1, 1), "the address was released");
     assert_eq!(w.ipamd.assigned_count(), 0);
-    w.node_is_clean();
+    node_is_clean(&w);
     // The address is usable again at once by the next pod.
     let ok = w.run(
         &Invocation::new("ADD", "c2", &pod.path(), "d", "p2"),
-        &w.conf(&[]),
+        &conf(&w, &[]),
     );
     assert!(ok.success, "{}", ok.stdout);
     assert_eq!(ok.json["ips"][0]["address"], "10.0.9.1/32");
     assert!(
         w.run(
             &Invocation::new("DEL", "c2", &pod.path(), "d", "p2"),
-            &w.conf(&[])
+            &conf(&w, &[])
         )
         .success
     );
-    w.node_is_clean();
+    node_is_clean(&w);
 }
 
 #[test]
 fn bad_environment() {
-    let w = World::new();
+    let w = world();
     let pod = TestNs::new("pod");
     let mut inv = Invocation::new("ADD", "c1", &pod.path(), "d", "p");
     inv.args = "K8S_POD_NAME=p;Surprise=1".into();
-    assert_error(&w.run(&inv, &w.conf(&[])), 4, "Surprise");
+    assert_error(&w.run(&inv, &conf(&w, &[])), 4, "Surprise");
     let mut inv = Invocation::new("ADD", "c1", &pod.path(), "d", "p");
     inv.if_name = "this-name-is-too-long".into();
-    assert_error(&w.run(&inv, &w.conf(&[])), 4, "CNI_IFNAME");
+    assert_error(&w.run(&inv, &conf(&w, &[])), 4, "CNI_IFNAME");
     let inv = Invocation::new("ADD", "", &pod.path(), "d", "p");
-    assert_error(&w.run(&inv, &w.conf(&[])), 4, "CNI_CONTAINERID");
+    assert_error(&w.run(&inv, &conf(&w, &[])), 4, "CNI_CONTAINERID");
     let inv = Invocation::new("FROB", "c1", &pod.path(), "d", "p");
-    assert_error(&w.run(&inv, &w.conf(&[])), 4, "FROB");
-    assert_eq!(w.adds_and_dels(), (0, 0));
+    assert_error(&w.run(&inv, &conf(&w, &[])), 4, "FROB");
+    assert_eq!(adds_and_dels(&w), (0, 0));
 }
 
 #[test]
 fn version_answers_without_ipamd() {
-    let w = World::new();
+    let w = world();
     let inv = Invocation::new("VERSION", "", "", "", "");
     let out = w.run(&inv, r#"{"cniVersion":"1.0.0"}"#);
     assert!(out.success);

@@ -6,13 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use aws_cni::config::IpamdAddress;
+use aws_cni::ipamd::CallError;
 use ec2_emulator_sdk_check::{Emulator, sdk_config};
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
-use vpc_cni_proto::health::HealthCheckRequest;
-use vpc_cni_proto::health::health_client::HealthClient;
-use vpc_cni_proto::rpc::cni_backend_client::CniBackendClient;
 use vpc_cni_proto::rpc::{AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest};
 
 pub struct Ipamd {
@@ -123,23 +121,20 @@ impl Drop for Ipamd {
     }
 }
 
+/// The plugin's own client (`aws_cni::ipamd`), shared by the test's tasks.
 #[derive(Clone)]
 pub struct Client {
-    pub channel: Channel,
+    pub ipamd: Arc<aws_cni::ipamd::Ipamd>,
 }
 
 pub async fn connect(path: &Path, within: Duration) -> Result<Client, String> {
+    let addr = IpamdAddress::Unix(path.display().to_string());
     let deadline = Instant::now() + within;
     loop {
-        let p = path.to_path_buf();
-        let r = Endpoint::from_static("http://ipamd")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = p.clone();
-                async move { UnixStream::connect(p).await.map(TokioIo::new) }
-            }))
-            .await;
-        if let Ok(channel) = r {
-            let c = Client { channel };
+        if let Ok(ipamd) = aws_cni::ipamd::Ipamd::connect(&addr).await {
+            let c = Client {
+                ipamd: Arc::new(ipamd),
+            };
             if c.healthy().await {
                 return Ok(c);
             }
@@ -156,17 +151,12 @@ pub async fn connect(path: &Path, within: Duration) -> Result<Client, String> {
 
 impl Client {
     pub async fn healthy(&self) -> bool {
-        HealthClient::new(self.channel.clone())
-            .check(HealthCheckRequest {
-                service: vpc_cni_proto::HEALTH_SERVICE.into(),
-            })
-            .await
-            .is_ok()
+        self.ipamd.health().await.is_ok()
     }
 
-    pub async fn add(&self, container: &str) -> Result<AddNetworkReply, tonic::Status> {
-        CniBackendClient::new(self.channel.clone())
-            .add_network(AddNetworkRequest {
+    pub async fn add(&self, container: &str) -> Result<AddNetworkReply, CallError> {
+        self.ipamd
+            .add(AddNetworkRequest {
                 k8s_pod_name: format!("pod-{container}"),
                 k8s_pod_namespace: "default".into(),
                 container_id: container.into(),
@@ -177,12 +167,11 @@ impl Client {
                 ..Default::default()
             })
             .await
-            .map(|r| r.into_inner())
     }
 
-    pub async fn del(&self, container: &str) -> Result<DelNetworkReply, tonic::Status> {
-        CniBackendClient::new(self.channel.clone())
-            .del_network(DelNetworkRequest {
+    pub async fn del(&self, container: &str) -> Result<DelNetworkReply, CallError> {
+        self.ipamd
+            .del(DelNetworkRequest {
                 k8s_pod_name: format!("pod-{container}"),
                 k8s_pod_namespace: "default".into(),
                 container_id: container.into(),
@@ -192,7 +181,6 @@ impl Client {
                 ..Default::default()
             })
             .await
-            .map(|r| r.into_inner())
     }
 }
 

@@ -9,11 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Endpoint, Uri};
-use vpc_cni_proto::health::HealthCheckRequest;
-use vpc_cni_proto::health::health_client::HealthClient;
+use aws_cni::config::IpamdAddress;
+use aws_cni::ipamd::Ipamd;
 use vpc_cni_tests::netns::{Node, TestNs};
 use vpc_cni_tests::plugin::{Invocation, netconf, plugin_bin, run};
 use vpc_cni_tests::require_root;
@@ -72,22 +69,12 @@ fn wait_healthy(socket: &std::path::Path) -> Result<Duration, String> {
         .enable_all()
         .build()
         .unwrap();
+    let addr = IpamdAddress::Unix(socket.display().to_string());
     let t0 = Instant::now();
     rt.block_on(async {
         loop {
-            let p = socket.to_path_buf();
-            if let Ok(ch) = Endpoint::from_static("http://ipamd")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let p = p.clone();
-                    async move { UnixStream::connect(p).await.map(TokioIo::new) }
-                }))
-                .await
-                && HealthClient::new(ch)
-                    .check(HealthCheckRequest {
-                        service: vpc_cni_proto::HEALTH_SERVICE.into(),
-                    })
-                    .await
-                    .is_ok()
+            if let Ok(ipamd) = Ipamd::connect(&addr).await
+                && ipamd.health().await.is_ok()
             {
                 return Ok(t0.elapsed());
             }
