@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use ec2_emulator_sdk_check::{Emulator, sdk_config};
+use ec2_emulator_sdk_check::Emulator;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
@@ -49,18 +49,19 @@ async fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
     })
     .await;
     assert_eq!(got, (1, 9), "{}", d.log());
-    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
-    let all = aws_sdk_ec2::Client::new(&conf)
-        .describe_network_interfaces()
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        !all.network_interfaces()
+    // Detached first, deleted right after: wait for the delete, not just the detach.
+    let (ec2, _) = ec2_instance(&emu, &id).await;
+    let still_there = eventually(Duration::from_secs(10), false, async || {
+        ec2.describe_network_interfaces()
+            .send()
+            .await
+            .unwrap()
+            .network_interfaces()
             .iter()
-            .any(|n| n.network_interface_id() == Some(second.as_str())),
-        "freed ENI deleted, not left available"
-    );
+            .any(|n| n.network_interface_id() == Some(second.as_str()))
+    })
+    .await;
+    assert!(!still_there, "freed ENI deleted, not left available");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,18 +170,8 @@ async fn throttling_and_latency_slow_it_down_but_lose_nothing() {
 async fn a_leaked_eni_is_swept() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
-    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
-    let ec2 = aws_sdk_ec2::Client::new(&conf);
-    let inst = ec2
-        .describe_instances()
-        .instance_ids(&id)
-        .send()
-        .await
-        .unwrap();
-    let subnet = inst.reservations()[0].instances()[0]
-        .subnet_id()
-        .unwrap()
-        .to_string();
+    let (ec2, inst) = ec2_instance(&emu, &id).await;
+    let subnet = inst.subnet_id().unwrap().to_string();
     let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
     // As a crash between CreateNetworkInterface and AttachNetworkInterface leaves it.
     let leaked = ec2
@@ -220,8 +211,7 @@ async fn a_leaked_eni_is_swept() {
     let d = Ipamd::start(&emu, &[]);
     let _c = d.client().await;
     let exists = async |eni: &str| {
-        aws_sdk_ec2::Client::new(&conf)
-            .describe_network_interfaces()
+        ec2.describe_network_interfaces()
             .send()
             .await
             .unwrap()
@@ -344,18 +334,10 @@ async fn no_free_prefix_falls_back_to_single_addresses() {
 async fn subnet_of_second_eni(discovery: &str) -> (String, String, String) {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
-    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
-    let ec2 = aws_sdk_ec2::Client::new(&conf);
-    let inst = ec2
-        .describe_instances()
-        .instance_ids(&id)
-        .send()
-        .await
-        .unwrap();
-    let i = &inst.reservations()[0].instances()[0];
+    let (ec2, inst) = ec2_instance(&emu, &id).await;
     let (vpc, primary_subnet) = (
-        i.vpc_id().unwrap().to_string(),
-        i.subnet_id().unwrap().to_string(),
+        inst.vpc_id().unwrap().to_string(),
+        inst.subnet_id().unwrap().to_string(),
     );
     let mk = async |cidr: &str, tagged: bool| {
         let mut b = ec2

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ec2_emulator_sdk_check::{Emulator, sdk_config};
+use ec2_emulator_sdk_check::Emulator;
 use ipamd_core::checkpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,15 +192,8 @@ async fn moves_from_aws_node_keeping_addresses() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
     // aws-node had put 3 secondary IPs on the primary ENI and given one to a pod.
-    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
-    let ec2 = aws_sdk_ec2::Client::new(&conf);
-    let inst = ec2
-        .describe_instances()
-        .instance_ids(&id)
-        .send()
-        .await
-        .unwrap();
-    let eni = inst.reservations()[0].instances()[0].network_interfaces()[0]
+    let (ec2, inst) = ec2_instance(&emu, &id).await;
+    let eni = inst.network_interfaces()[0]
         .network_interface_id()
         .unwrap()
         .to_string();

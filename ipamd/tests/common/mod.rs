@@ -246,3 +246,20 @@ pub async fn eventually<T: std::fmt::Debug + PartialEq>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An EC2 client for the emulator and the seeded instance as EC2 describes it.
+pub async fn ec2_instance(
+    emu: &Emulator,
+    instance: &str,
+) -> (aws_sdk_ec2::Client, aws_sdk_ec2::types::Instance) {
+    let conf = sdk_config(&emu.endpoint, "us-west-2").await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let r = ec2
+        .describe_instances()
+        .instance_ids(instance)
+        .send()
+        .await
+        .unwrap();
+    let i = r.reservations()[0].instances()[0].clone();
+    (ec2, i)
+}
