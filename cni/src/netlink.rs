@@ -6,16 +6,15 @@ use std::os::fd::RawFd;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
-};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 pub use netlink_packet_route::neighbour::NeighbourState;
+pub use netlink_packet_route::route::RouteScope;
 
 pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
@@ -23,6 +22,7 @@ const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
+const EADDRNOTAVAIL: i32 = 99;
 
 /// A netlink failure with the operation that failed, for the CNI error's details.
 #[derive(Debug, Clone)]
@@ -111,6 +111,8 @@ pub struct Rule {
     pub table: u32,
     pub from: Option<(Ipv4Addr, u8)>,
     pub to: Option<(Ipv4Addr, u8)>,
+    /// (mark, mask) of an `fwmark` rule.
+    pub fwmark: Option<(u32, u32)>,
     msg: RuleMessage,
 }
 
@@ -370,8 +372,10 @@ impl Netlink {
                     table: m.header.table as u32,
                     from: None,
                     to: None,
+                    fwmark: None,
                     msg: RuleMessage::default(),
                 };
+                let mut mask = u32::MAX;
                 for a in &m.attributes {
                     match a {
                         RuleAttribute::Priority(p) => r.priority = *p,
@@ -382,8 +386,13 @@ impl Netlink {
                         RuleAttribute::Destination(IpAddr::V4(d)) => {
                             r.to = Some((*d, m.header.dst_len))
                         }
+                        RuleAttribute::FwMark(v) => r.fwmark = Some((*v, mask)),
+                        RuleAttribute::FwMask(v) => mask = *v,
                         _ => {}
                     }
+                }
+                if let Some((v, _)) = r.fwmark {
+                    r.fwmark = Some((v, mask));
                 }
                 r.msg = m;
                 r
@@ -402,6 +411,122 @@ impl Netlink {
                 } else {
                     Err(e)
                 }
+            }
+        }
+    }
+
+    /// The link carrying this MAC (as `02:ab:..`, any case), if any.
+    pub async fn link_by_mac(&self, mac: &str) -> NlResult<Option<Link>> {
+        let want = mac.to_ascii_lowercase();
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.mac_string() == want))
+    }
+
+    /// Sets the MTU and brings the link up.
+    pub async fn set_mtu_up(&self, index: u32, mtu: u32) -> NlResult<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(|e| NlError::from_rt(format!("set link #{index} mtu {mtu} up"), e))
+    }
+
+    /// Adds `ip/len` without the kernel's prefix route in the main table.
+    pub async fn add_address_noprefixroute(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> NlResult<()> {
+        let mut req = self.handle.address().add(index, IpAddr::V4(ip), prefix_len);
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("add address {ip}/{prefix_len}"), e);
+                if e.is(&[EEXIST]) { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    /// Removes `ip/len` from the link; one already gone is not an error.
+    pub async fn delete_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> NlResult<()> {
+        let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(ip, prefix_len)
+            .build();
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("delete address {ip}/{prefix_len}"), e);
+                if e.is(&[EADDRNOTAVAIL, ENOENT, ENODEV]) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Deletes a route (as listed by [`Netlink::routes`]); one already gone is not an error.
+    pub async fn delete_route(&self, r: &Route) -> NlResult<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.dst, r.dst_len)
+            .table_id(r.table)
+            .scope(r.scope);
+        if let Some(oif) = r.oif {
+            b = b.output_interface(oif);
+        }
+        if let Some(gw) = r.gateway {
+            b = b.gateway(gw);
+        }
+        match self.handle.route().del(b.build()).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(
+                    format!("delete route {}/{} table {}", r.dst, r.dst_len, r.table),
+                    e,
+                );
+                if e.is(&[ESRCH, ENOENT]) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Adds `fwmark mark/mask lookup table pref priority`; present already is fine.
+    pub async fn add_fwmark_rule(
+        &self,
+        priority: u32,
+        table: u32,
+        mark: u32,
+        mask: u32,
+    ) -> NlResult<()> {
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .priority(priority)
+            .table_id(table)
+            .fw_mark(mark)
+            .action(RuleAction::ToTable);
+        req.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(mask));
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NlError::from_rt(format!("add fwmark rule pref {priority}"), e);
+                if e.is(&[EEXIST]) { Ok(()) } else { Err(e) }
             }
         }
     }

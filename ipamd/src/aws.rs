@@ -442,10 +442,12 @@ impl SdkImds {
     }
 }
 
-/// What IMDS said at start-up, handed to the node so it is read once.
+/// What IMDS said at start-up, handed to the node so it is read once; later reads
+/// (the reconcile's refresh of subnet and VPC CIDRs) go to IMDS itself.
 pub struct Prefetched {
     pub meta: InstanceMeta,
-    pub enis: Vec<EniInfo>,
+    pub enis: std::sync::Mutex<Option<Vec<EniInfo>>>,
+    pub live: SdkImds,
 }
 
 #[async_trait]
@@ -454,7 +456,11 @@ impl Imds for Prefetched {
         Ok(self.meta.clone())
     }
     async fn enis(&self) -> CloudResult<Vec<EniInfo>> {
-        Ok(self.enis.clone())
+        let first = self.enis.lock().unwrap().take();
+        match first {
+            Some(e) => Ok(e),
+            None => self.live.enis().await,
+        }
     }
 }
 

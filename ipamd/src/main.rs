@@ -1,13 +1,11 @@
 //! ipamd: reads the knobs (a bad one stops start-up, naming it), serves from IMDS and the
 //! checkpoint at once, then keeps the warm pool over EC2. SIGTERM writes a final snapshot.
 
-mod aws;
-mod host;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipamd::{aws, host};
 use ipamd_core::budget::{BudgetConfig, Budgeted};
 use ipamd_core::cloud::Imds;
 use ipamd_core::config;
@@ -34,6 +32,7 @@ fn timing() -> Result<Timing, String> {
     ms("IPAMD_SUBNET_FULL_BACKOFF_MS", &mut t.subnet_full_backoff)?;
     ms("IPAMD_LEAKED_ENI_SWEEP_MS", &mut t.leaked_sweep_interval)?;
     ms("IPAMD_LEAKED_ENI_MIN_AGE_MS", &mut t.leaked_min_age)?;
+    ms("IPAMD_ENI_LINK_WAIT_MS", &mut t.eni_link_wait)?;
     if let Ok(v) = std::env::var("IPAMD_CHECKPOINT_FSYNC") {
         t.checkpoint_fsync = match v.as_str() {
             "true" | "1" => true,
@@ -63,14 +62,26 @@ fn init_logging() -> Result<(), String> {
     };
     let json =
         std::env::var("AWS_VPC_K8S_CNI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let b = tracing_subscriber::fmt()
-        .with_max_level(level)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The SDK's and HTTP stack's own debug output would drown ipamd's.
+    let quiet = tracing::Level::WARN.min(level);
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(level)
+        .with_target("aws", quiet)
+        .with_target("hyper", quiet)
+        .with_target("rustls", quiet)
+        .with_target("h2", quiet)
+        .with_target("tower", quiet);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        b.json().init()
+        registry.with(fmt.json()).init()
     } else {
-        b.init()
+        registry.with(fmt).init()
     }
     Ok(())
 }
@@ -98,8 +109,20 @@ async fn main() -> ExitCode {
     };
     let t0 = std::time::Instant::now();
     let imds = aws::SdkImds::from_env();
-    let host = host::NetlinkHost {
-        veth_prefix: cfg.veth_prefix.clone(),
+    let backend =
+        match host::Backend::from_env(std::env::var("IPAMD_IPTABLES_MODE").ok().as_deref()) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("ipamd: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    let host = match host::LinuxHost::new(backend, &cfg.veth_prefix) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            eprintln!("ipamd: netlink: {e}");
+            return ExitCode::from(1);
+        }
     };
     let (meta, enis) = match futures::try_join!(imds.instance(), imds.enis()) {
         Ok(v) => v,
@@ -109,14 +132,18 @@ async fn main() -> ExitCode {
         }
     };
     let primary = enis.iter().find(|e| e.device_number == 0).cloned();
-    let imds = aws::Prefetched { meta, enis };
+    let imds = Arc::new(aws::Prefetched {
+        meta,
+        enis: std::sync::Mutex::new(Some(enis)),
+        live: imds,
+    });
     let mut sdk = aws::SdkEc2::from_env(cfg.ec2_endpoint.as_deref()).await;
     if let Some(p) = &primary {
         sdk = sdk.with_primary_subnet(p.subnet_id.clone(), p.subnet_cidr);
     }
     let ec2 = Arc::new(Budgeted::new(sdk, BudgetConfig::default()));
     let socket = std::path::PathBuf::from(&cfg.socket_path);
-    let node = match Node::start(cfg, ec2.clone(), &imds, &host, timing).await {
+    let node = match Node::start(cfg, ec2.clone(), imds, host, timing).await {
         Ok(n) => n,
         Err(e) => {
             eprintln!("ipamd: {e}");

@@ -9,8 +9,12 @@ use std::time::Duration;
 use common::*;
 use ec2_emulator_sdk_check::Emulator;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
+#[test]
+fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
+    in_node_ns("ipamd", eni_mode_grows_with_pods_and_frees_the_spare_eni_)
+}
+
+async fn eni_mode_grows_with_pods_and_frees_the_spare_eni_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
     let d = Ipamd::start(&emu, &[]);
@@ -39,6 +43,63 @@ async fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
     let view = ec2_view(&emu, &id).await;
     assert_eq!(view[1].1, 1, "second ENI at device index 1");
     let second = view[1].0.clone();
+    // Its host side: eth1 up at MTU 9001 with its primary address, table 2 holding the
+    // gateway and default routes, rule pref 32765, and no main-table subnet route.
+    // (EC2 shows the ENI before the host does: wait for ipamd to finish its side.)
+    let table = eventually(Duration::from_secs(10), true, async || {
+        sh(&["ip", "route", "show", "table", "2"]).contains("default via")
+    })
+    .await;
+    assert!(table, "{}", d.log());
+    let link: serde_json::Value =
+        serde_json::from_str(&sh(&["ip", "-j", "addr", "show", "eth1"])).unwrap();
+    assert_eq!(link[0]["mtu"], 9001, "{link}");
+    assert!(
+        link[0]["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "UP"),
+        "{link}"
+    );
+    let eni_ip = link[0]["addr_info"][0]["local"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let table = sh(&["ip", "route", "show", "table", "2"]);
+    assert!(
+        table.contains("default via") && table.contains("dev eth1"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("10.") && l.contains("dev eth1") && l.contains("scope link")),
+        "{table}"
+    );
+    assert_eq!(
+        sh(&["ip", "route", "show", "table", "main", "dev", "eth1"]),
+        ""
+    );
+    let rules = sh(&["ip", "rule", "show"]);
+    assert!(
+        rules.contains(&format!("32765:\tfrom {eni_ip} lookup 2")),
+        "{rules}"
+    );
+    // The node-wide state: SNAT to the primary address, the fwmark rule.
+    assert!(
+        rules.contains("1024:\tfrom all fwmark 0x80/0x80 lookup main"),
+        "{rules}"
+    );
+    let snat = String::from_utf8_lossy(
+        &std::process::Command::new("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(snat.contains("-j SNAT --to-source"), "{snat}\n{}", d.log());
     for i in 0..5 {
         let r = c.del(&format!("c{i}")).await.unwrap();
         assert!(r.success && !r.ip_allocation_metadata.is_empty());
@@ -62,10 +123,17 @@ async fn eni_mode_grows_with_pods_and_frees_the_spare_eni() {
     })
     .await;
     assert!(!still_there, "freed ENI deleted, not left available");
+    // ...and its host side undone before the detach.
+    assert_eq!(sh(&["ip", "route", "show", "table", "2"]), "");
+    assert!(!sh(&["ip", "rule", "show"]).contains("32765:"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ip_target_mode_reaches_and_keeps_its_targets() {
+#[test]
+fn ip_target_mode_reaches_and_keeps_its_targets() {
+    in_node_ns("ipamd", ip_target_mode_reaches_and_keeps_its_targets_)
+}
+
+async fn ip_target_mode_reaches_and_keeps_its_targets_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "t3.small"]).remove(0);
     // The upstream scenario: t3.small (3 x 4), WARM_IP=2, MIN_IP=5, 0 pods -> 2 ENIs, 5 IPs.
@@ -95,8 +163,12 @@ async fn ip_target_mode_reaches_and_keeps_its_targets() {
     assert_eq!(got, 5, "shrinks back to MINIMUM_IP_TARGET\n{}", d.log());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn add_waits_for_the_refill_instead_of_failing() {
+#[test]
+fn add_waits_for_the_refill_instead_of_failing() {
+    in_node_ns("ipamd", add_waits_for_the_refill_instead_of_failing_)
+}
+
+async fn add_waits_for_the_refill_instead_of_failing_() {
     let emu = Emulator::start();
     let _id = emu.seed(&["--type", "m5.large"]).remove(0);
     // Slow EC2: every assign takes 400 ms. WARM_IP=1 keeps almost nothing spare.
@@ -119,8 +191,15 @@ async fn add_waits_for_the_refill_instead_of_failing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttling_and_latency_slow_it_down_but_lose_nothing() {
+#[test]
+fn throttling_and_latency_slow_it_down_but_lose_nothing() {
+    in_node_ns(
+        "ipamd",
+        throttling_and_latency_slow_it_down_but_lose_nothing_,
+    )
+}
+
+async fn throttling_and_latency_slow_it_down_but_lose_nothing_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.xlarge"]).remove(0);
     emu.control(
@@ -166,8 +245,12 @@ async fn throttling_and_latency_slow_it_down_but_lose_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leaked_eni_is_swept() {
+#[test]
+fn a_leaked_eni_is_swept() {
+    in_node_ns("ipamd", a_leaked_eni_is_swept_)
+}
+
+async fn a_leaked_eni_is_swept_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
     let (ec2, inst) = ec2_instance(&emu, &id).await;
@@ -230,8 +313,12 @@ async fn a_leaked_eni_is_swept() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_knob_stops_startup_naming_it() {
+#[test]
+fn bad_knob_stops_startup_naming_it() {
+    in_node_ns("ipamd", bad_knob_stops_startup_naming_it_)
+}
+
+async fn bad_knob_stops_startup_naming_it_() {
     let emu = Emulator::start();
     emu.seed(&["--type", "m5.large"]);
     let mut d = Ipamd::start(&emu, &[("WARM_IP_TARGET", "lots")]);
@@ -244,8 +331,12 @@ async fn bad_knob_stops_startup_naming_it() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefix_mode_keeps_a_warm_prefix() {
+#[test]
+fn prefix_mode_keeps_a_warm_prefix() {
+    in_node_ns("ipamd", prefix_mode_keeps_a_warm_prefix_)
+}
+
+async fn prefix_mode_keeps_a_warm_prefix_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
     let d = Ipamd::start(
@@ -298,8 +389,12 @@ async fn prefix_mode_keeps_a_warm_prefix() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_free_prefix_falls_back_to_single_addresses() {
+#[test]
+fn no_free_prefix_falls_back_to_single_addresses() {
+    in_node_ns("ipamd", no_free_prefix_falls_back_to_single_addresses_)
+}
+
+async fn no_free_prefix_falls_back_to_single_addresses_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
     // The subnet is fragmented: EC2 has no /28 to give.
@@ -394,14 +489,28 @@ async fn subnet_of_second_eni(discovery: &str) -> (String, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subnet_discovery_puts_new_enis_in_the_roomiest_tagged_subnet() {
+#[test]
+fn subnet_discovery_puts_new_enis_in_the_roomiest_tagged_subnet() {
+    in_node_ns(
+        "ipamd",
+        subnet_discovery_puts_new_enis_in_the_roomiest_tagged_subnet_,
+    )
+}
+
+async fn subnet_discovery_puts_new_enis_in_the_roomiest_tagged_subnet_() {
     let (got, tagged, _) = subnet_of_second_eni("true").await;
     assert_eq!(got, tagged);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_subnet_discovery_new_enis_share_the_primary_subnet() {
+#[test]
+fn without_subnet_discovery_new_enis_share_the_primary_subnet() {
+    in_node_ns(
+        "ipamd",
+        without_subnet_discovery_new_enis_share_the_primary_subnet_,
+    )
+}
+
+async fn without_subnet_discovery_new_enis_share_the_primary_subnet_() {
     let (got, _, primary) = subnet_of_second_eni("false").await;
     assert_eq!(got, primary);
 }

@@ -14,14 +14,28 @@ use common::*;
 use ec2_emulator_sdk_check::Emulator;
 use ipamd_core::checkpoint;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_disk() {
+#[test]
+fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_disk() {
+    in_node_ns(
+        "ipamd",
+        sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_disk_,
+    )
+}
+
+async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_disk_() {
     // A disk: the journal goes through the writer thread (group commit).
     sigkill_during_churn(None).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_tmpfs() {
+#[test]
+fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_tmpfs() {
+    in_node_ns(
+        "ipamd",
+        sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_tmpfs_,
+    )
+}
+
+async fn sigkill_during_200_concurrent_calls_loses_and_doubles_nothing_on_tmpfs_() {
     // tmpfs, as /var/run on a node: the journal is written inline.
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     sigkill_during_churn(Some(dir.path().join("ipam.json"))).await;
@@ -148,8 +162,12 @@ async fn sigkill_during_churn(store: Option<std::path::PathBuf>) {
     assert!(!ips.contains(&fresh.ip_allocation_metadata[0].i_pv4_addr));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_from_the_checkpoint_before_ec2_answers() {
+#[test]
+fn serves_from_the_checkpoint_before_ec2_answers() {
+    in_node_ns("ipamd", serves_from_the_checkpoint_before_ec2_answers_)
+}
+
+async fn serves_from_the_checkpoint_before_ec2_answers_() {
     let emu = Emulator::start();
     let _id = emu.seed(&["--type", "m5.large"]).remove(0);
     let mut d = Ipamd::start(&emu, &[]);
@@ -187,8 +205,12 @@ async fn serves_from_the_checkpoint_before_ec2_answers() {
     emu.control("DELETE", "/_emulator/faults", "");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moves_from_aws_node_keeping_addresses() {
+#[test]
+fn moves_from_aws_node_keeping_addresses() {
+    in_node_ns("ipamd", moves_from_aws_node_keeping_addresses_)
+}
+
+async fn moves_from_aws_node_keeping_addresses_() {
     let emu = Emulator::start();
     let id = emu.seed(&["--type", "m5.large"]).remove(0);
     // aws-node had put 3 secondary IPs on the primary ENI and given one to a pod.
@@ -238,8 +260,12 @@ async fn moves_from_aws_node_keeping_addresses() {
     assert_eq!(del.ip_allocation_metadata[0].i_pv4_addr, pod_ip);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_checkpoint_is_set_aside_not_a_crash_loop() {
+#[test]
+fn a_corrupt_checkpoint_is_set_aside_not_a_crash_loop() {
+    in_node_ns("ipamd", a_corrupt_checkpoint_is_set_aside_not_a_crash_loop_)
+}
+
+async fn a_corrupt_checkpoint_is_set_aside_not_a_crash_loop_() {
     let emu = Emulator::start();
     emu.seed(&["--type", "m5.large"]);
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cloud;
 pub mod config;
 pub mod datastore;
+pub mod hostnet;
 pub mod net;
 pub mod node;
 pub mod pool;

@@ -19,6 +19,7 @@ use crate::checkpoint::{self, Journal, LoadError};
 use crate::cloud::{CloudError, Ec2, EniInfo, Imds, InstanceMeta, NewEni, SubnetInfo};
 use crate::config::Config;
 use crate::datastore::{Assignment, Datastore, Eni, PodRef, SandboxKey};
+use crate::hostnet::{EniNet, HostNetwork, NodeNet};
 use crate::net::Ipv4Net;
 use crate::pool::{Decision, Limits, Mode, Policy, PoolState};
 
@@ -41,6 +42,8 @@ pub struct Timing {
     pub detach_timeout: Duration,
     pub compact_every_ops: u64,
     pub checkpoint_fsync: bool,
+    /// How long a newly attached ENI's link may take to appear on the host.
+    pub eni_link_wait: Duration,
 }
 
 impl Default for Timing {
@@ -56,13 +59,9 @@ impl Default for Timing {
             detach_timeout: Duration::from_secs(30),
             compact_every_ops: 2000,
             checkpoint_fsync: true,
+            eni_link_wait: Duration::from_secs(60),
         }
     }
-}
-
-/// The host's view of pods (for rebuilding a lost checkpoint): (address, host veth).
-pub trait HostPods: Send + Sync {
-    fn pod_routes(&self) -> Vec<(Ipv4Addr, String)>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +94,9 @@ struct PoolRuntime {
 pub struct Node {
     pub cfg: Config,
     pub meta: InstanceMeta,
-    pub vpc_cidrs: Vec<String>,
+    vpc_cidrs: RwLock<Vec<Ipv4Net>>,
+    imds: Arc<dyn Imds>,
+    host: Arc<dyn HostNetwork>,
     primary_subnet: String,
     primary_subnet_cidr: Ipv4Net,
     vpc_id: String,
@@ -199,8 +200,8 @@ impl Node {
     pub async fn start(
         cfg: Config,
         ec2: Arc<dyn Ec2>,
-        imds: &dyn Imds,
-        host: &dyn HostPods,
+        imds: Arc<dyn Imds>,
+        host: Arc<dyn HostNetwork>,
         timing: Timing,
     ) -> Result<Arc<Node>, StartError> {
         let meta = imds.instance().await.map_err(StartError::Imds)?;
@@ -237,7 +238,7 @@ impl Node {
                 let aside = checkpoint::set_aside(&path).map_err(|io| {
                     StartError::Checkpoint(format!("{e}; and setting it aside failed: {io}"))
                 })?;
-                let routes = host.pod_routes();
+                let routes = host.pod_routes().await;
                 error!(
                     "{e}; moved it to {} and rebuilt {} assignments from the host's pod routes",
                     aside.display(),
@@ -298,7 +299,9 @@ impl Node {
             status: String::new(),
         });
         Ok(Arc::new(Node {
-            vpc_cidrs: primary.vpc_cidrs.iter().map(|c| c.to_string()).collect(),
+            vpc_cidrs: RwLock::new(primary.vpc_cidrs.clone()),
+            imds,
+            host,
             primary_subnet: primary.subnet_id.clone(),
             primary_subnet_cidr: primary.subnet_cidr,
             vpc_id: primary.vpc_id.clone(),
@@ -317,6 +320,51 @@ impl Node {
             timing,
             checkpoint_path: path,
         }))
+    }
+
+    pub fn vpc_cidrs(&self) -> Vec<Ipv4Net> {
+        self.vpc_cidrs.read().unwrap().clone()
+    }
+
+    /// The node-wide host state these knobs and this VPC call for.
+    pub fn node_net(&self) -> NodeNet {
+        NodeNet::new(
+            &self.cfg,
+            &self.meta.primary_mac,
+            self.meta.primary_ip,
+            &self.vpc_cidrs(),
+        )
+    }
+
+    fn eni_net(&self, e: &Eni) -> EniNet {
+        EniNet {
+            id: e.id.clone(),
+            mac: e.mac.clone(),
+            device_number: e.device_number,
+            primary_ip: e.primary_ip,
+            subnet_cidr: e.subnet_cidr,
+            mtu: self.cfg.eni_mtu,
+        }
+    }
+
+    /// Converges the host: the node-wide rules and iptables, then every secondary ENI
+    /// in the datastore (repairing whatever someone changed since).
+    pub async fn converge_host(&self) {
+        if let Err(e) = self.host.setup_node(&self.node_net()).await {
+            error!("host network setup: {e}");
+        }
+        let enis: Vec<EniNet> = {
+            let s = self.store.lock().unwrap();
+            s.enis()
+                .filter(|e| !e.is_primary)
+                .map(|e| self.eni_net(e))
+                .collect()
+        };
+        for e in enis {
+            if let Err(err) = self.host.setup_eni(&e, Duration::ZERO).await {
+                warn!("host side of {} (device {}): {err}", e.id, e.device_number);
+            }
+        }
     }
 
     pub fn limits(&self) -> Option<Limits> {
@@ -532,6 +580,7 @@ impl Node {
 
     /// The pool loop. Runs until the task is dropped.
     pub async fn run_pool(self: Arc<Self>) {
+        self.converge_host().await;
         loop {
             if self.limits().is_none() {
                 match self
@@ -813,6 +862,9 @@ impl Node {
             self.record(state, decision, "no ENI old enough and empty");
             return false;
         };
+        if let Err(e) = self.host.teardown_eni(&self.eni_net(&eni)).await {
+            warn!("undoing the host side of {}: {e}", eni.id);
+        }
         match self
             .detach_and_delete(&eni.id, eni.attachment_id.clone())
             .await
@@ -946,7 +998,20 @@ impl Node {
         info.subnet_cidr = subnet.cidr;
         info.attachment_id = Some(attachment);
         let id = info.id.clone();
-        self.store.lock().unwrap().add_eni(store_eni(&info, false));
+        // Its addresses are handed out only once the host can route them.
+        let eni = store_eni(&info, false);
+        if let Err(e) = self
+            .host
+            .setup_eni(&self.eni_net(&eni), self.timing.eni_link_wait)
+            .await
+        {
+            return Err(CloudError::new(
+                "HostNetwork",
+                "EniSetup",
+                format!("{id} is attached but its host side is not ready (reconcile retries): {e}"),
+            ));
+        }
+        self.store.lock().unwrap().add_eni(eni);
         info!(
             "attached {id} at device {device} with {} IPs, {} prefixes",
             info.secondary_ips.len(),
@@ -986,21 +1051,68 @@ impl Node {
                 return;
             }
         };
-        let mut s = self.store.lock().unwrap();
-        for e in &enis {
-            if s.eni(&e.id).is_none() {
-                s.add_eni(store_eni(e, e.device_number == 0));
-            } else {
-                s.set_attachment(&e.id, e.attachment_id.clone());
-                let _ = s.add_ips(&e.id, &e.secondary_ips);
-                for p in &e.prefixes {
-                    let _ = s.add_prefix(&e.id, *p);
+        // IMDS knows what EC2's describe lacks: subnet CIDRs, and the VPC's CIDRs.
+        let imds_enis = self.imds.enis().await.unwrap_or_default();
+        if let Some(p) = imds_enis.iter().find(|e| e.mac == self.meta.primary_mac)
+            && !p.vpc_cidrs.is_empty()
+            && self.vpc_cidrs() != p.vpc_cidrs
+        {
+            info!(
+                "VPC CIDRs are now {:?}: refreshing the SNAT rules",
+                p.vpc_cidrs
+            );
+            *self.vpc_cidrs.write().unwrap() = p.vpc_cidrs.clone();
+        }
+        let unknown: Vec<EniInfo> = {
+            let s = self.store.lock().unwrap();
+            enis.iter()
+                .filter(|e| s.eni(&e.id).is_none())
+                .cloned()
+                .collect()
+        };
+        // An ENI enters the datastore only once the host can route its addresses.
+        let mut ready = Vec::new();
+        for mut e in unknown {
+            if let Some(i) = imds_enis.iter().find(|i| i.mac == e.mac) {
+                e.subnet_cidr = i.subnet_cidr;
+            } else if e.subnet_id == self.primary_subnet {
+                e.subnet_cidr = self.primary_subnet_cidr;
+            }
+            let eni = store_eni(&e, e.device_number == 0);
+            if !eni.is_primary {
+                if e.subnet_cidr.len == 0 {
+                    debug!("reconcile: subnet of {} not known yet", e.id);
+                    continue;
+                }
+                if let Err(err) = self
+                    .host
+                    .setup_eni(&self.eni_net(&eni), Duration::ZERO)
+                    .await
+                {
+                    debug!("reconcile: {} not ready on the host yet: {err}", e.id);
+                    continue;
+                }
+            }
+            ready.push(eni);
+        }
+        {
+            let mut s = self.store.lock().unwrap();
+            for eni in ready {
+                s.add_eni(eni);
+            }
+            for e in &enis {
+                if s.eni(&e.id).is_some() {
+                    s.set_attachment(&e.id, e.attachment_id.clone());
+                    let _ = s.add_ips(&e.id, &e.secondary_ips);
+                    for p in &e.prefixes {
+                        let _ = s.add_prefix(&e.id, *p);
+                    }
                 }
             }
         }
-        drop(s);
         self.runtime.lock().unwrap().last_reconcile = Some(Instant::now());
         self.addresses_added.notify_waiters();
+        self.converge_host().await;
     }
 
     async fn housekeeping(&self) {
@@ -1162,10 +1274,21 @@ mod tests {
         }
     }
 
+    /// A host whose only pod route is given; its network setup succeeds.
     struct Host(Vec<(Ipv4Addr, String)>);
 
-    impl HostPods for Host {
-        fn pod_routes(&self) -> Vec<(Ipv4Addr, String)> {
+    #[async_trait]
+    impl HostNetwork for Host {
+        async fn setup_node(&self, _: &NodeNet) -> Result<(), String> {
+            Ok(())
+        }
+        async fn setup_eni(&self, _: &EniNet, _: Duration) -> Result<(), String> {
+            Ok(())
+        }
+        async fn teardown_eni(&self, _: &EniNet) -> Result<(), String> {
+            Ok(())
+        }
+        async fn pod_routes(&self) -> Vec<(Ipv4Addr, String)> {
             self.0.clone()
         }
     }
@@ -1180,10 +1303,19 @@ mod tests {
         cfg.ip_cooldown = Duration::ZERO;
         cfg.add_wait = Duration::from_millis(100);
         // The plugin named default/nginx's veth enic440f455693 and routed 10.0.0.6 to it.
-        let host = Host(vec![("10.0.0.6".parse().unwrap(), "enic440f455693".into())]);
-        let node = Node::start(cfg, Arc::new(NoEc2), &FakeImds, &host, Timing::default())
-            .await
-            .unwrap();
+        let host = Arc::new(Host(vec![(
+            "10.0.0.6".parse().unwrap(),
+            "enic440f455693".into(),
+        )]));
+        let node = Node::start(
+            cfg,
+            Arc::new(NoEc2),
+            Arc::new(FakeImds),
+            host,
+            Timing::default(),
+        )
+        .await
+        .unwrap();
         let held = node.assignments();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].ip.to_string(), "10.0.0.6");

@@ -70,7 +70,7 @@ impl CniBackend for Service {
         let node = &self.node;
         let mut reply = AddNetworkReply {
             use_external_snat: node.cfg.external_snat,
-            vp_cv4_cid_rs: node.vpc_cidrs.clone(),
+            vp_cv4_cid_rs: node.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         };
         match node.add(k, pod).await {

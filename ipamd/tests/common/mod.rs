@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use aws_cni::config::IpamdAddress;
 use aws_cni::ipamd::CallError;
@@ -17,6 +18,7 @@ pub struct Ipamd {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub env: BTreeMap<String, String>,
+    pub hotplug: Option<Hotplug>,
 }
 
 impl Ipamd {
@@ -43,6 +45,7 @@ impl Ipamd {
                 format!("{}/", emu.endpoint),
             ),
             ("AWS_REGION", "us-west-2".into()),
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
             ("AWS_ACCESS_KEY_ID", "testing".into()),
             ("AWS_SECRET_ACCESS_KEY", "testing".into()),
             (
@@ -70,6 +73,7 @@ impl Ipamd {
             dir,
             child: None,
             env,
+            hotplug: Some(Hotplug::start(&emu.endpoint)),
         };
         me.spawn();
         me
@@ -262,4 +266,199 @@ pub async fn ec2_instance(
         .unwrap();
     let i = r.reservations()[0].instances()[0].clone();
     (ec2, i)
+}
+
+/// A network namespace that the calling thread, and every thread and process it starts
+/// afterwards, lives in until drop; the namespace is removed on drop, also when the test
+/// fails. ipamd sets up routes, rules and iptables: never in the machine's own namespace.
+pub struct NodeNs {
+    pub name: String,
+    home: std::fs::File,
+}
+
+impl NodeNs {
+    pub fn enter(tag: &str) -> NodeNs {
+        use std::os::fd::AsFd;
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+        let me = NodeNs { name, home };
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("enter the test namespace");
+        sh(&["ip", "link", "set", "lo", "up"]);
+        me
+    }
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        use std::os::fd::AsFd;
+        let _ = nix::sched::setns(self.home.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs `f` on a 2-worker runtime whose threads all live in a fresh node namespace.
+pub fn in_node_ns<F: std::future::Future<Output = ()>>(tag: &str, f: impl FnOnce() -> F) {
+    let ns = NodeNs::enter(tag);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(f());
+    drop(rt);
+    drop(ns);
+}
+
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What the hypervisor does for an instance: every ENI attached to it (as the emulator
+/// says) appears as a link `eth<device>` with the ENI's MAC, and disappears on detach.
+/// The primary ENI's link comes up with its address, as the node's OS would do; the
+/// others are left down and bare for ipamd to set up. Runs in the caller's namespace.
+pub struct Hotplug {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hotplug {
+    /// Starts following the instance IMDS serves; returns after the first pass.
+    pub fn start(endpoint: &str) -> Hotplug {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let endpoint = endpoint.to_string();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let imds = ec2_emulator_sdk_check::imds_client(&endpoint);
+                let conf = sdk_config(&endpoint, "us-west-2").await;
+                let ec2 = aws_sdk_ec2::Client::new(&conf);
+                let mut first = Some(tx);
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok(id) = imds.get("/latest/meta-data/instance-id").await {
+                        let id: String = id.into();
+                        hotplug_pass(&ec2, &imds, &id).await;
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        });
+        let _ = rx.recv_timeout(Duration::from_secs(20));
+        Hotplug {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Hotplug {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn hotplug_pass(ec2: &aws_sdk_ec2::Client, imds: &aws_config::imds::Client, instance: &str) {
+    let Ok(r) = ec2
+        .describe_network_interfaces()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("attachment.instance-id")
+                .values(instance)
+                .build(),
+        )
+        .send()
+        .await
+    else {
+        return;
+    };
+    // (device, mac, primary address) of every ENI attached now.
+    let want: Vec<(i32, String, String)> = r
+        .network_interfaces()
+        .iter()
+        .filter(|n| n.attachment().and_then(|a| a.status()).map(|s| s.as_str()) != Some("detached"))
+        .filter_map(|n| {
+            Some((
+                n.attachment()?.device_index()?,
+                n.mac_address()?.to_string(),
+                n.private_ip_address()?.to_string(),
+            ))
+        })
+        .collect();
+    let links: serde_json::Value =
+        serde_json::from_str(&sh(&["ip", "-j", "link", "show"])).unwrap_or_default();
+    let have: Vec<(String, String)> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            let name = l["ifname"].as_str()?;
+            let mac = l["address"].as_str()?;
+            name.starts_with("eth")
+                .then(|| (name.to_string(), mac.to_string()))
+        })
+        .collect();
+    for (name, mac) in &have {
+        let wanted = want
+            .iter()
+            .any(|(d, m, _)| m == mac && *name == format!("eth{d}"));
+        if !wanted {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+    }
+    for (dev, mac, ip) in &want {
+        let name = format!("eth{dev}");
+        if have.iter().any(|(n, m)| *n == name && m == mac) {
+            continue;
+        }
+        // A veth whose peer stays here unused: the kernel here has no dummy driver.
+        let peer = format!("hp{dev}");
+        let _ = Command::new("ip").args(["link", "del", &name]).output();
+        sh(&[
+            "ip", "link", "add", &name, "address", mac, "type", "veth", "peer", "name", &peer,
+        ]);
+        sh(&["ip", "link", "set", &peer, "up"]);
+        if *dev == 0 {
+            let cidr: String = imds
+                .get(&format!(
+                    "/latest/meta-data/network/interfaces/macs/{mac}/subnet-ipv4-cidr-block"
+                ))
+                .await
+                .map(Into::into)
+                .unwrap_or_else(|_| "0.0.0.0/24".into());
+            let len = cidr.split('/').nth(1).unwrap_or("24");
+            sh(&["ip", "addr", "add", &format!("{ip}/{len}"), "dev", &name]);
+            sh(&["ip", "link", "set", &name, "up"]);
+        }
+    }
 }
