@@ -108,7 +108,7 @@ impl Backend {
             cmd,
             has_check: true,
             has_wait: true,
-            is_numeric: true,
+            is_numeric: false,
         }
     }
 }
@@ -264,9 +264,17 @@ pub fn converge_iptables(ipt_: &IPTables, plan: &[ChainPlan]) -> Result<Vec<Stri
 
 /// A chain's rules as `iptables -S` prints them, without `-A <chain> `.
 fn list_rules(ipt_: &IPTables, table: &str, chain: &str) -> Result<Vec<String>, String> {
+    // (`IPTables::list` ignores the exit status: a failed listing would look empty.)
+    let out = ipt("list", ipt_.execute(table, &format!("-S {chain}")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "iptables -t {table} -S {chain}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
     let prefix = format!("-A {chain} ");
-    Ok(ipt("list", ipt_.list(table, chain))?
-        .into_iter()
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
         .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
         .collect())
 }
