@@ -289,6 +289,9 @@ impl HostNetwork for LinuxHost {
             .map_err(nl_err)?
             .ok_or_else(|| format!("no link with the primary ENI's MAC {}", n.primary_mac))?;
         sysctl(&format!("net/ipv4/conf/{}/rp_filter", primary.name), "2")?;
+        // Pods are routed through the node: forwarding must be on (node images turn it
+        // on for kubelet; a node without it would strand every pod).
+        sysctl("net/ipv4/ip_forward", "1")?;
         self.converge_rules(n).await?;
         let plan = iptables_plan(n, &primary.name);
         let ipt_ = self.backend.iptables(self.backend.binary()?);

@@ -295,6 +295,12 @@ fn iptables_converges(backend: Backend) {
                 .trim(),
             "2"
         );
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .unwrap()
+                .trim(),
+            "1"
+        );
 
         // Tampered: a rule deleted, one of ours duplicated, an old layout's chain left
         // behind and jumped to, the fwmark rule gone.

@@ -48,6 +48,16 @@ impl TestNs {
             .unwrap_or(false)
     }
 
+    /// Runs a command inside the namespace; its stdout, empty if it failed.
+    pub fn try_output(&self, args: &[&str]) -> String {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
     }

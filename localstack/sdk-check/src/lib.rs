@@ -2,6 +2,8 @@
 //! build its clients: the standard environment (AWS_ENDPOINT_URL_EC2, region,
 //! credentials) and an HTTPS-capable client on rustls/ring.
 
+pub mod hotplug;
+
 use aws_config::{BehaviorVersion, SdkConfig};
 
 /// An HTTPS-capable client on rustls/ring (no aws-lc C build, no legacy hyper).

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use aws_cni::config::IpamdAddress;
 use aws_cni::ipamd::Ipamd;
-use vpc_cni_tests::netns::{Node, TestNs};
+use ec2_emulator_sdk_check::hotplug::Hotplug;
+use vpc_cni_tests::netns::TestNs;
 use vpc_cni_tests::plugin::{Invocation, netconf, plugin_bin, run};
 use vpc_cni_tests::require_root;
 
@@ -107,7 +108,20 @@ fn main() {
         });
     std::fs::create_dir_all(&work).unwrap();
 
-    step(&format!("EC2 + IMDS emulator on 127.0.0.1:{port}"));
+    // Everything from here on lives in the node's namespace: the emulator (the node's
+    // view of EC2 and IMDS), ipamd (which sets up routes, rules and iptables there) and
+    // the plugin. The machine's own namespace is never touched.
+    let node = TestNs::new("demo-node");
+    {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open(node.path()).unwrap();
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("enter the node namespace");
+    }
+    step(&format!(
+        "node namespace {}: EC2 + IMDS emulator on 127.0.0.1:{port}",
+        node.name
+    ));
     let emu = EmulatorGuard { port: port.clone() };
     let out = emu.cmd(&["start"]);
     if !out.status.success() {
@@ -117,11 +131,16 @@ fn main() {
     let out = emu.cmd(&["seed", "--type", "m5.large"]);
     let instance = String::from_utf8_lossy(&out.stdout).trim().to_string();
     println!("    seeded a VPC and one m5.large ({instance}: 3 ENIs x 10 addresses, max 29 pods)");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // The instance's NICs: each attached ENI appears as eth<device> with its MAC.
+    let _hotplug = Hotplug::start(&endpoint);
+    println!(
+        "    eth0 = the primary ENI; attached ENIs appear as eth1, eth2... as EC2 attaches them"
+    );
     // From here on, every EC2 call the emulator counts is ipamd's.
     emu.control("DELETE", "/_emulator/calls");
 
     step("ipamd, default knobs (WARM_ENI_TARGET=1): one ENI's worth of addresses kept spare");
-    let endpoint = format!("http://127.0.0.1:{port}");
     let socket = work.join("ipamd.sock");
     let log = std::fs::File::create(work.join("ipamd.log")).unwrap();
     let child = Command::new(&ipamd_bin)
@@ -129,6 +148,7 @@ fn main() {
         .env("AWS_ENDPOINT_URL_EC2", &endpoint)
         .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("{endpoint}/"))
         .env("AWS_REGION", "us-west-2")
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_VPC_K8S_CNI_BACKING_STORE", work.join("ipam.json"))
@@ -155,8 +175,7 @@ fn main() {
         }
     }
 
-    step("node namespace (eth0 = the node's primary address), 12 pods through aws-cni");
-    let node = Node::tagged("demo-node", "192.168.0.10");
+    step("12 pods through aws-cni");
     let plugin_log = work.join("plugin.log").display().to_string();
     let conf = netconf("1.0.0", &socket.display().to_string(), &plugin_log, &[]);
     let mut pods = Vec::new();
@@ -171,7 +190,7 @@ fn main() {
             &name,
         );
         let t = Instant::now();
-        let out = run(&bin, Some(&node.ns.path()), &inv, &conf);
+        let out = run(&bin, Some(&node.path()), &inv, &conf);
         if !out.success {
             eprintln!("ADD {name} failed: {}", out.stdout);
             std::process::exit(1);
@@ -191,7 +210,7 @@ fn main() {
         );
         pods.push((name, ip, veth, ns, inv));
     }
-    let rules = node.ns.exec(&["ip", "rule", "show"]);
+    let rules = node.exec(&["ip", "rule", "show"]);
     println!();
     println!(
         "    {:<10} {:<14} {:<16} ENI",
@@ -226,6 +245,31 @@ fn main() {
         String::from_utf8_lossy(&emu.cmd(&["describe", "--instance", &instance]).stdout)
     );
 
+    step("host networking ipamd converged in the node namespace");
+    for (what, args) in [
+        (
+            "SNAT to the primary IP",
+            &["iptables", "-t", "nat", "-S", "AWS-SNAT-CHAIN-0"][..],
+        ),
+        (
+            "secondary ENI's table 2",
+            &["ip", "route", "show", "table", "2"][..],
+        ),
+    ] {
+        println!("    {what}:");
+        let out = node.try_output(args);
+        for l in out.lines().filter(|l| !l.starts_with("-N")) {
+            println!("      {l}");
+        }
+    }
+    let rules = node.exec(&["ip", "rule", "show"]);
+    for l in rules
+        .lines()
+        .filter(|l| l.starts_with("1024:") || l.starts_with("32765:"))
+    {
+        println!("      rule {l}");
+    }
+
     step("reachability (ping, no NAT)");
     let ping = |ns: &TestNs, dst: &str| ns.try_exec(&["ping", "-c", "1", "-W", "2", dst]);
     let mut ok = true;
@@ -241,7 +285,7 @@ fn main() {
             if r { "ok" } else { "FAILED" }
         );
     }
-    let r = ping(&node.ns, &pods[5].1);
+    let r = ping(&node, &pods[5].1);
     ok &= r;
     println!(
         "    {:<44} {:<12} {}",
@@ -252,14 +296,14 @@ fn main() {
 
     step("DEL every pod");
     for (name, _, _, _, inv) in &pods {
-        let del = run(&bin, Some(&node.ns.path()), &inv.with_command("DEL"), &conf);
+        let del = run(&bin, Some(&node.path()), &inv.with_command("DEL"), &conf);
         ok &= del.success;
         if !del.success {
             println!("    DEL {name} FAILED: {}", del.stdout);
         }
     }
-    let links = node.ns.exec(&["ip", "-o", "link", "show"]);
-    let rules = node.ns.exec(&["ip", "rule", "show"]);
+    let links = node.exec(&["ip", "-o", "link", "show"]);
+    let rules = node.exec(&["ip", "rule", "show"]);
     let clean = !links.contains(" eni") && !rules.contains("512:") && !rules.contains("1536:");
     println!(
         "    node after DEL: {}",
