@@ -514,3 +514,52 @@ async fn without_subnet_discovery_new_enis_share_the_primary_subnet_() {
     let (got, _, primary) = subnet_of_second_eni("false").await;
     assert_eq!(got, primary);
 }
+
+#[test]
+fn a_new_vpc_cidr_reaches_the_snat_rules_and_the_plugin() {
+    in_node_ns(
+        "ipamd",
+        a_new_vpc_cidr_reaches_the_snat_rules_and_the_plugin_,
+    )
+}
+
+async fn a_new_vpc_cidr_reaches_the_snat_rules_and_the_plugin_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let d = Ipamd::start(&emu, &[]);
+    let c = d.client().await;
+    let snat = || {
+        String::from_utf8_lossy(
+            &std::process::Command::new("iptables")
+                .args(["-t", "nat", "-S", "AWS-SNAT-CHAIN-0"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    let ready = eventually(Duration::from_secs(20), true, async || {
+        snat().contains("-j SNAT")
+    })
+    .await;
+    assert!(ready, "{}", d.log());
+    let (ec2, instance) = ec2_instance(&emu, &id).await;
+    ec2.associate_vpc_cidr_block()
+        .vpc_id(instance.vpc_id().unwrap())
+        .cidr_block("100.64.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    // The next reconcile (2 s in tests) re-reads IMDS and converges the rules.
+    let seen = eventually(Duration::from_secs(20), true, async || {
+        snat().contains("-d 100.64.0.0/16 ")
+    })
+    .await;
+    assert!(seen, "{}\n{}", snat(), d.log());
+    let r = c.add("after-cidr").await.unwrap();
+    assert!(
+        r.vp_cv4_cid_rs.iter().any(|c| c == "100.64.0.0/16"),
+        "{:?}",
+        r.vp_cv4_cid_rs
+    );
+}
