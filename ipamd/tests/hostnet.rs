@@ -51,12 +51,9 @@ fn eni1() -> EniNet {
 
 /// `iptables-save` of one table as {chain: rules in order}; counters and comments dropped.
 fn saved(backend: Backend, table: &str) -> BTreeMap<String, Vec<String>> {
-    let cmd = match backend {
-        Backend::Legacy => "iptables-legacy-save",
-        _ => "iptables-nft-save",
-    };
+    let cmd = format!("{}-save", ipt_bin(backend));
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for l in sh(&[cmd, "-t", table]).lines() {
+    for l in sh(&[&cmd, "-t", table]).lines() {
         if let Some(decl) = l.strip_prefix(':') {
             out.entry(decl.split(' ').next().unwrap().to_string())
                 .or_default();
@@ -89,11 +86,15 @@ const KUBE_NAT: &[(&str, &str)] = &[
     ),
 ];
 
-fn add_kube_proxy(backend: Backend) {
-    let ipt = match backend {
+fn ipt_bin(backend: Backend) -> &'static str {
+    match backend {
         Backend::Legacy => "iptables-legacy",
         _ => "iptables-nft",
-    };
+    }
+}
+
+fn add_kube_proxy(backend: Backend) {
+    let ipt = ipt_bin(backend);
     for c in ["KUBE-SERVICES", "KUBE-POSTROUTING"] {
         sh(&[ipt, "-t", "nat", "-N", c]);
     }
@@ -112,11 +113,7 @@ fn add_kube_proxy(backend: Backend) {
 }
 
 fn ipt_cmd(backend: Backend, args: &[&str]) {
-    let ipt = match backend {
-        Backend::Legacy => "iptables-legacy",
-        _ => "iptables-nft",
-    };
-    let mut full = vec![ipt];
+    let mut full = vec![ipt_bin(backend)];
     full.extend_from_slice(args);
     sh(&full);
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use aws_cni::config::IpamdAddress;
 use aws_cni::ipamd::CallError;
 use ec2_emulator_sdk_check::hotplug::Hotplug;
+pub use ec2_emulator_sdk_check::hotplug::sh;
 use ec2_emulator_sdk_check::{Emulator, sdk_config};
 use vpc_cni_proto::rpc::{AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest};
 
@@ -318,18 +319,4 @@ pub fn in_node_ns<F: std::future::Future<Output = ()>>(tag: &str, f: impl FnOnce
     rt.block_on(f());
     drop(rt);
     drop(ns);
-}
-
-pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

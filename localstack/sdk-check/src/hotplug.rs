@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use crate::sdk_config;
 
-fn sh(args: &[&str]) -> String {
+/// Runs a command; panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
