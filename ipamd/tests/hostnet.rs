@@ -406,7 +406,7 @@ fn secondary_eni_link_table_and_rule_converge_and_are_undone() {
             "10.0.1.1 dev eth1 proto static scope link",
         ];
         let table = || {
-            sh(&["ip", "route", "show", "table", "2"])
+            table_routes(2)
                 .lines()
                 .map(|l| l.trim().to_string())
                 .collect::<Vec<_>>()

@@ -47,7 +47,7 @@ async fn eni_mode_grows_with_pods_and_frees_the_spare_eni_() {
     // gateway and default routes, rule pref 32765, and no main-table subnet route.
     // (EC2 shows the ENI before the host does: wait for ipamd to finish its side.)
     let table = eventually(Duration::from_secs(10), true, async || {
-        sh(&["ip", "route", "show", "table", "2"]).contains("default via")
+        table_routes(2).contains("default via")
     })
     .await;
     assert!(table, "{}", d.log());
@@ -66,7 +66,7 @@ async fn eni_mode_grows_with_pods_and_frees_the_spare_eni_() {
         .as_str()
         .unwrap()
         .to_string();
-    let table = sh(&["ip", "route", "show", "table", "2"]);
+    let table = table_routes(2);
     assert!(
         table.contains("default via") && table.contains("dev eth1"),
         "{table}"
@@ -124,7 +124,7 @@ async fn eni_mode_grows_with_pods_and_frees_the_spare_eni_() {
     .await;
     assert!(!still_there, "freed ENI deleted, not left available");
     // ...and its host side undone before the detach.
-    assert_eq!(sh(&["ip", "route", "show", "table", "2"]), "");
+    assert_eq!(table_routes(2), "");
     assert!(!sh(&["ip", "rule", "show"]).contains("32765:"));
 }
 

@@ -320,3 +320,12 @@ pub fn in_node_ns<F: std::future::Future<Output = ()>>(tag: &str, f: impl FnOnce
     drop(rt);
     drop(ns);
 }
+
+/// `ip route show table N`, empty when the table does not exist (yet, or any more).
+pub fn table_routes(table: u32) -> String {
+    Command::new("ip")
+        .args(["route", "show", "table", &table.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
