@@ -81,19 +81,7 @@ impl Drop for TestNs {
     }
 }
 
-pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use ec2_emulator_sdk_check::hotplug::sh;
 
 /// A node namespace as on an EC2 instance: an `eth0` carrying the node's primary
 /// address (a veth whose peer stays unused), forwarding on, rp_filter loose.

@@ -197,15 +197,7 @@ pub async fn ec2_view(
 ) -> Vec<(String, i32, Vec<String>, Vec<String>)> {
     let conf = sdk_config(&emu.endpoint, "us-west-2").await;
     let c = aws_sdk_ec2::Client::new(&conf);
-    let r = c
-        .describe_network_interfaces()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("attachment.instance-id")
-                .values(instance)
-                .build(),
-        )
-        .send()
+    let r = ec2_emulator_sdk_check::attached_enis(&c, instance)
         .await
         .unwrap();
     let mut v: Vec<_> = r

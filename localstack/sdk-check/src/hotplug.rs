@@ -79,17 +79,7 @@ impl Drop for Hotplug {
 }
 
 async fn hotplug_pass(ec2: &aws_sdk_ec2::Client, imds: &aws_config::imds::Client, instance: &str) {
-    let Ok(r) = ec2
-        .describe_network_interfaces()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("attachment.instance-id")
-                .values(instance)
-                .build(),
-        )
-        .send()
-        .await
-    else {
+    let Ok(r) = crate::attached_enis(ec2, instance).await else {
         return;
     };
     // (device, mac, primary address) of every ENI attached now.

@@ -119,3 +119,24 @@ impl Drop for Emulator {
             .output();
     }
 }
+
+/// DescribeNetworkInterfaces of the ENIs attached to `instance`.
+pub async fn attached_enis(
+    ec2: &aws_sdk_ec2::Client,
+    instance: &str,
+) -> Result<
+    aws_sdk_ec2::operation::describe_network_interfaces::DescribeNetworkInterfacesOutput,
+    aws_sdk_ec2::error::SdkError<
+        aws_sdk_ec2::operation::describe_network_interfaces::DescribeNetworkInterfacesError,
+    >,
+> {
+    ec2.describe_network_interfaces()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("attachment.instance-id")
+                .values(instance)
+                .build(),
+        )
+        .send()
+        .await
+}
