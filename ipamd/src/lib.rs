@@ -2,4 +2,6 @@
 //! network through netlink and iptables (`host`). The logic lives in `ipamd-core`.
 
 pub mod aws;
+pub mod cli;
 pub mod host;
+pub mod ops;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipamd::{aws, host};
+use ipamd::{aws, host, ops};
 use ipamd_core::budget::{BudgetConfig, Budgeted};
 use ipamd_core::cloud::Imds;
 use ipamd_core::config;
@@ -86,13 +86,83 @@ fn init_logging() -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> ExitCode {
+const USAGE: &str = "usage: ipamd                 run the daemon (configured by the environment)
+       ipamd status [ADDR]    print ENIs, pool and pods from the introspection server
+                              (ADDR: host:port or unix:/path; default INTROSPECTION_BIND_ADDRESS)
+       ipamd health [SOCKET]  exit 0 when ipamd's gRPC health check says SERVING
+                              (default IPAMD_SOCKET or /var/run/aws-node/ipamd.sock)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("status") => {
+            let addr = args.get(1).cloned().unwrap_or_else(|| {
+                std::env::var("INTROSPECTION_BIND_ADDRESS")
+                    .unwrap_or_else(|_| "127.0.0.1:61679".into())
+            });
+            return match ipamd::cli::status(&addr) {
+                Ok(t) => {
+                    print!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ipamd status: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Some("health") => {
+            let socket = args.get(1).cloned().unwrap_or_else(|| {
+                std::env::var("IPAMD_SOCKET")
+                    .unwrap_or_else(|_| "/var/run/aws-node/ipamd.sock".into())
+            });
+            return match ipamd::cli::health(&socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ipamd health: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Some("--version" | "version") => {
+            println!("ipamd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(_) => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(daemon()),
+        Err(e) => {
+            eprintln!("ipamd: tokio runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn daemon() -> ExitCode {
     if let Err(e) = init_logging() {
         eprintln!("ipamd: {e}");
         return ExitCode::from(2);
     }
-    let cfg = match config::from_env(|k| std::env::var(k).ok()) {
+    // Every knob the configuration reads, with its raw value, for /v1/ipamd-env-settings.
+    let read = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let cfg = config::from_env(|k| {
+        let v = std::env::var(k).ok();
+        read.lock()
+            .unwrap()
+            .insert(k.to_string(), v.clone().unwrap_or_default());
+        v
+    });
+    let env = read.into_inner().unwrap_or_default();
+    let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
             error!("invalid configuration: {e}");
@@ -158,15 +228,52 @@ async fn main() -> ExitCode {
         t0.elapsed()
     );
     let pool = tokio::spawn(node.clone().run_pool());
-    let shutdown = async {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ops = ops::Ops {
+        node: node.clone(),
+        budget: ec2.clone(),
+        env,
+    };
+    let mut side = Vec::new();
+    if !node.cfg.disable_introspection {
+        let addr = node.cfg.introspection_bind_address.clone();
+        let (router, stop) = (ops::introspection_router(ops.clone()), stopped());
+        side.push(tokio::spawn(async move {
+            info!("introspection on {addr}");
+            if let Err(e) = ops::serve(&addr, router, stop).await {
+                error!("introspection server on {addr}: {e}");
+            }
+        }));
+    }
+    if !node.cfg.disable_metrics {
+        let addr = node.cfg.metrics_bind_address.clone();
+        let (router, stop) = (ops::metrics_router(ops.clone()), stopped());
+        side.push(tokio::spawn(async move {
+            info!("metrics on {addr}/metrics");
+            if let Err(e) = ops::serve(&addr, router, stop).await {
+                error!("metrics server on {addr}: {e}");
+            }
+        }));
+    }
+    let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        let _ = stop_tx.send(true);
     };
     let served = ipamd_core::server::serve_unix(node.clone(), &socket, shutdown).await;
+    for s in side {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+    }
     pool.abort();
     let stats = ec2.stats();
     info!(calls = ?stats.calls, errors = ?stats.errors, throttled = stats.throttled, "EC2 calls this run");

@@ -59,6 +59,28 @@ pub struct CallStats {
     pub errors: BTreeMap<String, u64>,
     pub throttled: u64,
     pub waited_ms: u64,
+    /// Per (action, failed, status): calls and their summed latency in µs. `status` is
+    /// "200" for a success, else EC2's error code.
+    pub latency: BTreeMap<(String, bool, String), (u64, u64)>,
+}
+
+/// A family's bucket as it is now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketView {
+    pub family: Family,
+    pub tokens: f64,
+    pub capacity: f64,
+    pub per_sec: f64,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Describe => "describe",
+            Family::AssignUnassign => "assign-unassign",
+            Family::EniLifecycle => "eni-lifecycle",
+        }
+    }
 }
 
 impl CallStats {
@@ -109,6 +131,25 @@ impl<E: Ec2> Budgeted<E> {
         self.stats.lock().unwrap().clone()
     }
 
+    /// Tokens left in each family's bucket, refilled up to now.
+    pub fn buckets(&self) -> Vec<BucketView> {
+        let now = Instant::now();
+        self.buckets
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(f, b)| {
+                let dt = now.saturating_duration_since(b.at).as_secs_f64();
+                BucketView {
+                    family: *f,
+                    tokens: (b.tokens + dt * b.per_sec).min(b.capacity),
+                    capacity: b.capacity,
+                    per_sec: b.per_sec,
+                }
+            })
+            .collect()
+    }
+
     async fn acquire(&self, fam: Family) {
         loop {
             let wait = self
@@ -151,7 +192,23 @@ impl<E: Ec2> Budgeted<E> {
                 .calls
                 .entry(api.to_string())
                 .or_default() += 1;
-            match f().await {
+            let t0 = Instant::now();
+            let res = f().await;
+            let us = t0.elapsed().as_micros() as u64;
+            {
+                let mut st = self.stats.lock().unwrap();
+                let status = match &res {
+                    Ok(_) => "200".to_string(),
+                    Err(e) => e.code.clone(),
+                };
+                let l = st
+                    .latency
+                    .entry((api.to_string(), res.is_err(), status))
+                    .or_default();
+                l.0 += 1;
+                l.1 += us;
+            }
+            match res {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     *self

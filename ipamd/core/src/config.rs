@@ -52,6 +52,8 @@ pub struct Config {
     pub disable_introspection: bool,
     pub introspection_bind_address: String,
     pub disable_metrics: bool,
+    /// Ours: where /metrics listens (upstream: always :61678).
+    pub metrics_bind_address: String,
     pub socket_path: String,
     // Host network.
     pub external_snat: bool,
@@ -178,8 +180,9 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         ),
         node_name: r.string("MY_NODE_NAME", ""),
         disable_introspection: r.bool("DISABLE_INTROSPECTION", false)?,
-        introspection_bind_address: r.string("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679"),
+        introspection_bind_address: r.listen("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679")?,
         disable_metrics: r.bool("DISABLE_METRICS", false)?,
+        metrics_bind_address: r.listen("IPAMD_METRICS_BIND_ADDRESS", ":61678")?,
         socket_path: r.string("IPAMD_SOCKET", "/var/run/aws-node/ipamd.sock"),
         external_snat: r.bool("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?,
         randomize_snat,
@@ -191,6 +194,17 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         veth_prefix,
         add_wait: Duration::from_millis(r.u32("ADD_NETWORK_WAIT_MS", 10_000)? as u64),
     })
+}
+
+/// A listening address: `host:port`, `:port`, or `unix:/absolute/path`.
+pub fn valid_listen_address(v: &str) -> bool {
+    if let Some(p) = v.strip_prefix("unix:") {
+        return p.starts_with('/') && p.len() > 1;
+    }
+    if let Some(port) = v.strip_prefix(':') {
+        return port.parse::<u16>().is_ok();
+    }
+    v.parse::<std::net::SocketAddr>().is_ok()
 }
 
 impl Config {
@@ -229,6 +243,15 @@ impl Reader<'_> {
         self.get(var)
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| default.to_string())
+    }
+
+    fn listen(&self, var: &str, default: &str) -> Result<String, ConfigError> {
+        let v = self.string(var, default);
+        if valid_listen_address(&v) {
+            Ok(v)
+        } else {
+            Err(self.err(var, "host:port, :port or unix:/absolute/path"))
+        }
     }
 
     /// Go's strconv.ParseBool, as upstream reads its knobs.
@@ -276,6 +299,26 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        for ok in ["127.0.0.1:61679", ":61678", "[::1]:80", "unix:/run/x.sock"] {
+            assert!(valid_listen_address(ok), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "61679",
+            ":http",
+            "unix:rel",
+            "unix:",
+            "1.2.3.4",
+        ] {
+            assert!(!valid_listen_address(bad), "{bad}");
+        }
+        let e = from_env(|k| (k == "INTROSPECTION_BIND_ADDRESS").then(|| "nowhere".to_string()))
+            .unwrap_err();
+        assert!(e.to_string().contains("INTROSPECTION_BIND_ADDRESS"), "{e}");
+    }
 
     fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: BTreeMap<String, String> = vars

@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod config;
 pub mod datastore;
 pub mod hostnet;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pool;

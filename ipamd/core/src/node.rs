@@ -20,6 +20,7 @@ use crate::cloud::{CloudError, Ec2, EniInfo, Imds, InstanceMeta, NewEni, SubnetI
 use crate::config::Config;
 use crate::datastore::{Assignment, Datastore, Eni, PodRef, SandboxKey};
 use crate::hostnet::{EniNet, HostNetwork, NodeNet};
+use crate::metrics::Metrics;
 use crate::net::Ipv4Net;
 use crate::pool::{Decision, Limits, Mode, Policy, PoolState};
 
@@ -72,6 +73,23 @@ pub enum StartError {
     Checkpoint(String),
 }
 
+/// The datastore as copied at one instant.
+#[derive(Debug, Clone)]
+pub struct StoreView {
+    /// By device number.
+    pub enis: Vec<Eni>,
+    pub assignments: Vec<Assignment>,
+    /// (address, released at ns) of every address cooling down.
+    pub cooldowns: Vec<(Ipv4Addr, u64)>,
+    /// Per subnet: (addresses held for pods, assigned).
+    pub subnets: std::collections::BTreeMap<String, (u32, u32)>,
+    pub total: u32,
+    pub assigned: u32,
+    pub cooldown: u32,
+    /// Assignable now.
+    pub free: u32,
+}
+
 /// A decision of the pool loop and why, for introspection and logs.
 #[derive(Debug, Clone)]
 pub struct DecisionRecord {
@@ -112,6 +130,7 @@ pub struct Node {
     runtime: Mutex<PoolRuntime>,
     pub timing: Timing,
     checkpoint_path: PathBuf,
+    pub metrics: Metrics,
 }
 
 pub fn now_ns() -> u64 {
@@ -139,7 +158,7 @@ fn store_eni(e: &EniInfo, is_primary: bool) -> Eni {
 
 pub use vpc_cni_proto::host_veth_name;
 
-fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;
@@ -319,6 +338,7 @@ impl Node {
             runtime: Mutex::new(PoolRuntime::default()),
             timing,
             checkpoint_path: path,
+            metrics: Metrics::default(),
         }))
     }
 
@@ -351,6 +371,7 @@ impl Node {
     /// in the datastore (repairing whatever someone changed since).
     pub async fn converge_host(&self) {
         if let Err(e) = self.host.setup_node(&self.node_net()).await {
+            self.metrics.error("setupHostNetworkFailed");
             error!("host network setup: {e}");
         }
         let enis: Vec<EniNet> = {
@@ -502,6 +523,24 @@ impl Node {
 
     pub fn assignments(&self) -> Vec<Assignment> {
         self.store.lock().unwrap().assignments()
+    }
+
+    /// A consistent copy of the datastore for introspection and metrics.
+    pub fn view(&self) -> StoreView {
+        let mut s = self.store.lock().unwrap();
+        let (total, assigned, cooldown, free) = s.counts(now_ns());
+        let mut enis: Vec<Eni> = s.enis().cloned().collect();
+        enis.sort_by_key(|e| e.device_number);
+        StoreView {
+            enis,
+            assignments: s.assignments(),
+            cooldowns: s.cooldowns(),
+            subnets: s.subnet_counts(),
+            total,
+            assigned,
+            cooldown,
+            free,
+        }
     }
 
     pub fn decisions(&self) -> Vec<DecisionRecord> {
@@ -720,6 +759,7 @@ impl Node {
                         true
                     }
                     Err(e) if e.is_subnet_full() => {
+                        self.metrics.error("increaseIPPoolSubnetFull");
                         warn!(
                             "subnet is out of addresses, backing off {:?}: {e}",
                             self.timing.subnet_full_backoff
@@ -736,6 +776,7 @@ impl Node {
                         true
                     }
                     Err(e) => {
+                        self.metrics.error("increaseIPPoolAllocIPAddressesFailed");
                         warn!("assigning addresses to {eni} failed: {e}");
                         self.record(state, &decision, e.to_string());
                         false
@@ -767,6 +808,7 @@ impl Node {
                                 me.runtime.lock().unwrap().subnet_full_until =
                                     Some(Instant::now() + me.timing.subnet_full_backoff);
                             }
+                            me.metrics.error("increaseIPPoolAllocENI");
                             warn!("attaching an ENI failed: {e}");
                             me.record(state, &Decision::AttachEni, e.to_string());
                         }
@@ -817,6 +859,7 @@ impl Node {
             };
             for (eni, p) in &picked {
                 if let Err(e) = self.ec2.unassign_prefixes(eni, &[*p]).await {
+                    self.metrics.error("decreaseIPPoolUnassignPrefixesFailed");
                     warn!("unassigning {p} from {eni} failed, keeping it: {e}");
                     let _ = self.store.lock().unwrap().add_prefix(eni, *p);
                 }
@@ -842,6 +885,8 @@ impl Node {
         }
         for (eni, ips) in &by_eni {
             if let Err(e) = self.ec2.unassign_ips(eni, ips).await {
+                self.metrics
+                    .error("decreaseIPPoolUnassignIPAddressesFailed");
                 warn!("unassigning {ips:?} from {eni} failed, keeping them: {e}");
                 let _ = self.store.lock().unwrap().add_ips(eni, ips);
             }
@@ -875,6 +920,7 @@ impl Node {
                 true
             }
             Err(e) => {
+                self.metrics.error("decreaseIPPoolFreeENIFailed");
                 warn!("freeing {} failed, keeping it: {e}", eni.id);
                 let mut s = self.store.lock().unwrap();
                 s.add_eni(eni);
@@ -1047,6 +1093,7 @@ impl Node {
         let enis = match self.ec2.instance_enis(&self.meta.instance_id).await {
             Ok(e) => e,
             Err(e) => {
+                self.metrics.error("nodeIPPoolReconcileDescribeFailed");
                 warn!("reconcile: {e}");
                 return;
             }
@@ -1111,6 +1158,7 @@ impl Node {
             }
         }
         self.runtime.lock().unwrap().last_reconcile = Some(Instant::now());
+        self.metrics.reconciled("nodeIPPoolReconcile");
         self.addresses_added.notify_waiters();
         self.converge_host().await;
     }
@@ -1146,6 +1194,7 @@ impl Node {
         {
             Ok(e) => e,
             Err(e) => {
+                self.metrics.error("leakedENISweepFailed");
                 warn!("leaked-ENI sweep: {e}");
                 return 0;
             }
@@ -1163,6 +1212,9 @@ impl Node {
                 match self.ec2.delete_eni(&e.id).await {
                     Ok(()) => {
                         info!("deleted leaked ENI {}", e.id);
+                        self.metrics
+                            .leaked_enis_deleted
+                            .fetch_add(1, Ordering::Relaxed);
                         n += 1;
                     }
                     Err(err) => warn!("deleting leaked ENI {}: {err}", e.id),

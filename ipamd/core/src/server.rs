@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -68,6 +69,8 @@ impl CniBackend for Service {
             name: r.k8s_pod_name.clone(),
         };
         let node = &self.node;
+        let t0 = std::time::Instant::now();
+        node.metrics.add_ip_req.fetch_add(1, Ordering::Relaxed);
         let mut reply = AddNetworkReply {
             use_external_snat: node.cfg.external_snat,
             vp_cv4_cid_rs: node.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
@@ -78,14 +81,19 @@ impl CniBackend for Service {
                 info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, device = a.device_number, "AddNetwork");
                 reply.success = true;
                 reply.ip_allocation_metadata = vec![metadata(&a)];
+                node.metrics.add_latency.observe(t0.elapsed());
             }
             Ok(AddOutcome::NoAddress) => {
+                node.metrics.no_available_ip.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     "AddNetwork {}/{}: no address within {:?}",
                     r.k8s_pod_namespace, r.k8s_pod_name, node.cfg.add_wait
                 );
             }
-            Err(e) => return Err(Status::unavailable(format!("checkpoint write failed: {e}"))),
+            Err(e) => {
+                node.metrics.error("addNetworkCheckpointFailed");
+                return Err(Status::unavailable(format!("checkpoint write failed: {e}")));
+            }
         }
         Ok(Response::new(reply))
     }
@@ -100,11 +108,15 @@ impl CniBackend for Service {
             namespace: r.k8s_pod_namespace.clone(),
             name: r.k8s_pod_name.clone(),
         };
-        let released = self
-            .node
-            .del(k, &pod)
-            .await
-            .map_err(|e| Status::unavailable(format!("checkpoint write failed: {e}")))?;
+        self.node.metrics.del_request(if r.reason.is_empty() {
+            "PodDeleted"
+        } else {
+            &r.reason
+        });
+        let released = self.node.del(k, &pod).await.map_err(|e| {
+            self.node.metrics.error("delNetworkCheckpointFailed");
+            Status::unavailable(format!("checkpoint write failed: {e}"))
+        })?;
         if let Some(a) = &released {
             info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, reason = %r.reason, "DelNetwork");
         }
