@@ -181,7 +181,7 @@ async fn introspection_metrics_and_status_after_known_pods_() {
     for (series, v) in expect {
         assert_eq!(sample(&m, series), Some(v), "{series}\n{m}");
     }
-    let subnet = &view_subnet(&eni);
+    let subnet = eni["SubnetID"].as_str().unwrap();
     assert_eq!(
         sample(
             &m,
@@ -259,10 +259,6 @@ async fn introspection_metrics_and_status_after_known_pods_() {
         String::from_utf8_lossy(&absent.stderr).contains("unreachable"),
         "{absent:?}"
     );
-}
-
-fn view_subnet(eni: &Value) -> String {
-    eni["SubnetID"].as_str().unwrap().to_string()
 }
 
 #[test]
