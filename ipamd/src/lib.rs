@@ -1,7 +1,10 @@
 //! ipamd's edges to the world: EC2 and IMDS through the AWS SDK (`aws`), and the host
-//! network through netlink and iptables (`host`). The logic lives in `ipamd-core`.
+//! network through netlink and iptables (`host`); to its operators: introspection and
+//! metrics (`ops`), `ipamd status`/`health` (`cli`), and the node entrypoint
+//! (`entrypoint`, the `aws-vpc-cni` binary). The logic lives in `ipamd-core`.
 
 pub mod aws;
 pub mod cli;
+pub mod entrypoint;
 pub mod host;
 pub mod ops;

@@ -1,0 +1,307 @@
+//! The node entrypoint (`aws-vpc-cni`, the image's command): validates the whole
+//! environment, installs the `aws-cni` plugin into the host's CNI bin dir, starts ipamd,
+//! waits until ipamd's gRPC health check says SERVING, and only then writes
+//! `10-aws.conflist`, so the container runtime never calls a plugin whose daemon is not
+//! ready. It then stays ipamd's parent: SIGTERM/SIGINT are passed on, ipamd's exit status
+//! is ours.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use aws_cni::config::IpamdAddress;
+use aws_cni::log::Level;
+use serde_json::{Value, json};
+
+pub const CONFLIST_NAME: &str = "10-aws.conflist";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cni_bin_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    /// Where the image keeps `aws-cni`.
+    pub plugin_source: PathBuf,
+    pub ipamd_bin: PathBuf,
+    pub ready_timeout: Duration,
+    pub conflist: Value,
+}
+
+fn env_or(get: &impl Fn(&str) -> Option<String>, var: &str, default: &str) -> String {
+    get(var)
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Everything the entrypoint and ipamd read, checked before anything is touched.
+pub fn settings(get: impl Fn(&str) -> Option<String>, exe_dir: &Path) -> Result<Settings, String> {
+    let cfg = ipamd_core::config::from_env(&get).map_err(|e| e.to_string())?;
+    let level = env_or(&get, "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG");
+    if Level::parse(&level).is_none() {
+        return Err(format!(
+            "AWS_VPC_K8S_PLUGIN_LOG_LEVEL={level:?} is invalid: DEBUG, INFO, WARN or ERROR"
+        ));
+    }
+    let log_file = env_or(
+        &get,
+        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+        aws_cni::config::DEFAULT_LOG_FILE,
+    );
+    if log_file == "stdout" {
+        return Err(
+            "AWS_VPC_K8S_PLUGIN_LOG_FILE=\"stdout\" is invalid: stdout carries the CNI result; use a path, stderr or none"
+                .into(),
+        );
+    }
+    let abs = |var: &str, default: &str| -> Result<PathBuf, String> {
+        let v = env_or(&get, var, default);
+        if v.starts_with('/') {
+            Ok(PathBuf::from(v))
+        } else {
+            Err(format!("{var}={v:?} is invalid: an absolute path"))
+        }
+    };
+    let exe = exe_dir.display().to_string();
+    let timeout_raw = env_or(&get, "IPAMD_READY_TIMEOUT_MS", "300000");
+    let ready_timeout = timeout_raw
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            format!("IPAMD_READY_TIMEOUT_MS={timeout_raw:?} is invalid: a positive number of milliseconds")
+        })?;
+    let socket = cfg.socket_path.clone();
+    IpamdAddress::parse(&socket)
+        .map_err(|e| format!("IPAMD_SOCKET={socket:?} is invalid: {}", e.msg))?;
+    let cni_bin_dir = abs("HOST_CNI_BIN_PATH", "/host/opt/cni/bin")?;
+    let mut plugins = vec![json!({
+        "name": "aws-cni",
+        "type": "aws-cni",
+        "mtu": cfg.eni_mtu.to_string(),
+        "vethPrefix": cfg.veth_prefix,
+        "pluginLogFile": log_file,
+        "pluginLogLevel": level,
+        "ipamdAddress": socket,
+    })];
+    // hostPort pods need portmap; chain it when the node has it, as upstream's list does.
+    if cni_bin_dir.join("portmap").exists() {
+        plugins.push(json!({
+            "type": "portmap",
+            "capabilities": {"portMappings": true},
+            "snat": true,
+        }));
+    }
+    Ok(Settings {
+        cni_conf_dir: abs("HOST_CNI_CONFDIR_PATH", "/host/etc/cni/net.d")?,
+        plugin_source: abs("CNI_PLUGIN_SOURCE_DIR", &exe)?.join("aws-cni"),
+        ipamd_bin: abs("IPAMD_BIN", &format!("{exe}/ipamd"))?,
+        cni_bin_dir,
+        ready_timeout,
+        conflist: json!({
+            "cniVersion": "1.0.0",
+            "name": "aws-cni",
+            "disableCheck": true,
+            "plugins": plugins,
+        }),
+    })
+}
+
+/// Writes `bytes` to `dest` through a temporary file and a rename: a reader (the runtime,
+/// or a node still running the old plugin) never sees half a file.
+pub fn install_atomically(dest: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, dest)
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("aws-vpc-cni: {msg}");
+}
+
+async fn healthy(addr: &IpamdAddress) -> bool {
+    use vpc_cni_proto::health::health_check_response::ServingStatus;
+    match aws_cni::ipamd::Ipamd::connect(addr).await {
+        Ok(c) => matches!(c.health().await, Ok(ServingStatus::Serving)),
+        Err(_) => false,
+    }
+}
+
+pub async fn run(s: Settings) -> ExitCode {
+    let plugin = match std::fs::read(&s.plugin_source) {
+        Ok(b) => b,
+        Err(e) => {
+            log(format!("reading {}: {e}", s.plugin_source.display()));
+            return ExitCode::from(1);
+        }
+    };
+    let dest = s.cni_bin_dir.join("aws-cni");
+    if let Err(e) = install_atomically(&dest, &plugin, 0o755) {
+        log(format!("installing {}: {e}", dest.display()));
+        return ExitCode::from(1);
+    }
+    log(format!("installed {}", dest.display()));
+    let mut child = match tokio::process::Command::new(&s.ipamd_bin).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            log(format!("starting {}: {e}", s.ipamd_bin.display()));
+            return ExitCode::from(1);
+        }
+    };
+    let socket = s.conflist["plugins"][0]["ipamdAddress"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let addr = match IpamdAddress::parse(&socket) {
+        Ok(a) => a,
+        Err(e) => {
+            log(e);
+            return ExitCode::from(2);
+        }
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            log("cannot handle signals");
+            return ExitCode::from(1);
+        }
+    };
+    let pass_on = |child: &tokio::process::Child, sig: nix::sys::signal::Signal| {
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        }
+    };
+    let t0 = Instant::now();
+    let deadline = t0 + s.ready_timeout;
+    loop {
+        tokio::select! {
+            st = child.wait() => {
+                log(format!("ipamd exited before it became healthy ({}); not writing {CONFLIST_NAME}",
+                    st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
+                return ExitCode::from(1);
+            }
+            _ = term.recv() => { pass_on(&child, nix::sys::signal::Signal::SIGTERM); let _ = child.wait().await; return ExitCode::from(143); }
+            _ = int.recv() => { pass_on(&child, nix::sys::signal::Signal::SIGINT); let _ = child.wait().await; return ExitCode::from(130); }
+            ok = healthy(&addr) => {
+                if ok { break; }
+                if Instant::now() >= deadline {
+                    log(format!("ipamd not healthy at {addr} within {:?}; stopping it, not writing {CONFLIST_NAME}", s.ready_timeout));
+                    pass_on(&child, nix::sys::signal::Signal::SIGTERM);
+                    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                    let _ = child.kill().await;
+                    return ExitCode::from(1);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let conf = s.cni_conf_dir.join(CONFLIST_NAME);
+    let text = serde_json::to_vec_pretty(&s.conflist).unwrap_or_default();
+    if let Err(e) = install_atomically(&conf, &text, 0o644) {
+        log(format!("writing {}: {e}", conf.display()));
+        pass_on(&child, nix::sys::signal::Signal::SIGTERM);
+        let _ = child.wait().await;
+        return ExitCode::from(1);
+    }
+    log(format!(
+        "ipamd healthy after {:?}; wrote {}",
+        t0.elapsed(),
+        conf.display()
+    ));
+    let status = tokio::select! {
+        st = child.wait() => st,
+        _ = term.recv() => { pass_on(&child, nix::sys::signal::Signal::SIGTERM); child.wait().await }
+        _ = int.recv() => { pass_on(&child, nix::sys::signal::Signal::SIGINT); child.wait().await }
+    };
+    match status {
+        Ok(st) if st.success() => ExitCode::SUCCESS,
+        Ok(st) => {
+            log(format!("ipamd {st}"));
+            ExitCode::from(st.code().unwrap_or(1).clamp(1, 255) as u8)
+        }
+        Err(e) => {
+            log(format!("waiting for ipamd: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The env as a lookup, for `settings`.
+pub fn process_env() -> impl Fn(&str) -> Option<String> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    move |k| env.get(k).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Settings, String> {
+        let m: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        settings(move |k| m.get(k).cloned(), Path::new("/app"))
+    }
+
+    #[test]
+    fn defaults_follow_upstream_paths() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.cni_bin_dir, Path::new("/host/opt/cni/bin"));
+        assert_eq!(s.cni_conf_dir, Path::new("/host/etc/cni/net.d"));
+        assert_eq!(s.plugin_source, Path::new("/app/aws-cni"));
+        assert_eq!(s.ipamd_bin, Path::new("/app/ipamd"));
+        let p = &s.conflist["plugins"][0];
+        assert_eq!(p["type"], "aws-cni");
+        assert_eq!(p["mtu"], "9001");
+        assert_eq!(p["vethPrefix"], "eni");
+        assert_eq!(p["ipamdAddress"], "/var/run/aws-node/ipamd.sock");
+        assert_eq!(p["pluginLogFile"], "/var/log/aws-routed-eni/plugin.log");
+        assert_eq!(s.conflist["plugins"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn knobs_reach_the_conflist() {
+        let s = with(&[
+            ("AWS_VPC_ENI_MTU", "1500"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "abc"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "info"),
+        ])
+        .unwrap();
+        let p = &s.conflist["plugins"][0];
+        assert_eq!(p["mtu"], "1500");
+        assert_eq!(p["vethPrefix"], "abc");
+        assert_eq!(p["pluginLogLevel"], "info");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, v) in [
+            ("WARM_ENI_TARGET", "lots"),
+            ("AWS_VPC_ENI_MTU", "100"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "loud"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "stdout"),
+            ("HOST_CNI_BIN_PATH", "relative/bin"),
+            ("IPAMD_READY_TIMEOUT_MS", "soon"),
+            ("INTROSPECTION_BIND_ADDRESS", "somewhere"),
+        ] {
+            let e = with(&[(var, v)]).unwrap_err();
+            assert!(e.contains(var), "{var}: {e}");
+        }
+    }
+}
