@@ -241,6 +241,33 @@ pub async fn run(s: Settings) -> ExitCode {
     }
 }
 
+/// The interface of the default route in `/proc/net/route` text (the primary ENI).
+pub fn default_route_interface(route_table: &str) -> Option<String> {
+    route_table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+    })
+}
+
+/// `aws-vpc-cni init`, the privileged init container: the sysctls ipamd needs but cannot
+/// write from a container without privileges (/proc/sys is read-only there). ipamd checks
+/// them again and only writes what differs.
+pub fn init_sysctls() -> Result<(), String> {
+    let routes = std::fs::read_to_string("/proc/net/route")
+        .map_err(|e| format!("reading /proc/net/route: {e}"))?;
+    let primary = default_route_interface(&routes)
+        .ok_or("no default route: cannot tell the primary interface")?;
+    for (path, value) in [
+        ("net/ipv4/ip_forward".to_string(), "1"),
+        (format!("net/ipv4/conf/{primary}/rp_filter"), "2"),
+    ] {
+        let full = format!("/proc/sys/{path}");
+        std::fs::write(&full, value).map_err(|e| format!("setting {full} to {value}: {e}"))?;
+        log(format!("{full} = {value}"));
+    }
+    Ok(())
+}
+
 /// The env as a lookup, for `settings`.
 pub fn process_env() -> impl Fn(&str) -> Option<String> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
@@ -257,6 +284,15 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         settings(move |k| m.get(k).cloned(), Path::new("/app"))
+    }
+
+    #[test]
+    fn primary_interface_from_the_route_table() {
+        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 ens5\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                 ens5\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(default_route_interface(t).as_deref(), Some("ens5"));
+        assert_eq!(default_route_interface("Iface\tDestination\n"), None);
     }
 
     #[test]

@@ -214,3 +214,33 @@ async fn writes_the_conflist_only_once_ipamd_is_healthy_() {
         "ipamd stopped"
     );
 }
+
+#[test]
+fn init_sets_forwarding_and_loose_rp_filter_on_the_primary_interface() {
+    in_node_ns("entry-init", async || {
+        let init = || {
+            Command::new(env!("CARGO_BIN_EXE_aws-vpc-cni"))
+                .arg("init")
+                .output()
+                .unwrap()
+        };
+        let out = init();
+        assert!(!out.status.success(), "no default route yet");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no default route"));
+        for c in [
+            "ip link add ens5 type veth peer name ens5-peer",
+            "ip addr add 192.168.0.10/24 dev ens5",
+            "ip link set ens5 up",
+            "ip link set ens5-peer up",
+            "ip route add default via 192.168.0.1",
+        ] {
+            sh(&c.split(' ').collect::<Vec<_>>());
+        }
+        let read = |k: &str| sh(&["cat", &format!("/proc/sys/net/ipv4/{k}")]);
+        assert_eq!(read("ip_forward").trim(), "0", "a fresh namespace");
+        let out = init();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(read("ip_forward").trim(), "1");
+        assert_eq!(read("conf/ens5/rp_filter").trim(), "2");
+    })
+}

@@ -1,9 +1,19 @@
 //! The image's command: validate the env, install aws-cni, start ipamd, wait until it is
-//! healthy, then write 10-aws.conflist (see `ipamd::entrypoint`).
+//! healthy, then write 10-aws.conflist (see `ipamd::entrypoint`). `aws-vpc-cni init` is
+//! the privileged init container's command: the sysctls ipamd needs.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        return match ipamd::entrypoint::init_sysctls() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("aws-vpc-cni init: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.to_path_buf()))
