@@ -10,8 +10,10 @@ need_root() {
     fi
 }
 
-# Debian packages the plugin tests and the demo use.
-DEBIAN_PACKAGES=(iproute2 iptables iputils-ping procps python3 python3-venv ca-certificates curl)
+# Debian packages the tests and the demo use (containerd, runc, the reference CNI plugins
+# for `loopback`, busybox-static for the sandbox image: the lab's container runtime).
+DEBIAN_PACKAGES=(iproute2 iptables iputils-ping procps python3 python3-venv ca-certificates curl
+    containerd runc containernetworking-plugins busybox-static)
 
 install_packages() {
     local missing=()

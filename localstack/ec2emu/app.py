@@ -54,7 +54,7 @@ class EmulatorApp:
         method = environ.get("REQUEST_METHOD", "GET")
         if path.startswith("/latest/"):
             headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items() if k.startswith("HTTP_")}
-            status, ctype, body, *extra = imds.handle(method, path, headers)
+            status, ctype, body, *extra = imds.handle(method, path, headers, environ.get("REMOTE_ADDR"))
             start_response(f"{status} X", [("Content-Type", ctype), *(extra[0] if extra else [])])
             return [body.encode()]
         if path.startswith("/_emulator/"):

@@ -1,5 +1,6 @@
 """Instance metadata (IMDSv2: PUT a token, then GET with it), derived from the EC2 state
-for one chosen instance. With a delay set, a new ENI, address or prefix shows up only
+for the instance whose primary private IP is the caller's address (a lab of several nodes),
+else for one chosen instance. With a delay set, a new ENI, address or prefix shows up only
 that many seconds after EC2 made it, as the real IMDS lags."""
 
 import json
@@ -23,7 +24,15 @@ def _backend():
     return ec2_backends[CONFIG["account"]][CONFIG["region"]]
 
 
-def _instance():
+def _instance(remote_addr=None):
+    """The caller's own instance when it calls from an instance's primary private IP (as
+    each real instance reaches its own IMDS), else the chosen one."""
+    if remote_addr:
+        for r in _backend().reservations.values():
+            for i in r.instances:
+                primary = i.nics.get(0)
+                if primary is not None and primary.private_ip_address == remote_addr and i.state == "running":
+                    return i
     iid = CONFIG["instance_id"]
     if not iid:
         return None
@@ -91,7 +100,7 @@ def _lookup(tree, parts):
     return node
 
 
-def handle(method, path, headers):
+def handle(method, path, headers, remote_addr=None):
     """Returns (status, content_type, body) or (status, content_type, body, extra headers)."""
     if path == "/latest/api/token":
         if method != "PUT":
@@ -111,7 +120,7 @@ def handle(method, path, headers):
     if not tok or TOKENS.get(tok, 0) < time.monotonic():
         return 401, "text/plain", "IMDSv2 token missing or expired"
     with ec2.LOCK:
-        instance = _instance()
+        instance = _instance(remote_addr)
         if instance is None:
             return 404, "text/plain", "no instance chosen for IMDS (emulator seed, or POST /_emulator/imds)"
         if path.startswith("/latest/dynamic/instance-identity/document"):

@@ -2,7 +2,10 @@
 //! themselves up, a small in-process ipamd (gRPC over a Unix socket, the real wire
 //! contract) and a runner that execs the real `aws-cni` binary as a runtime would.
 
+pub mod containerd;
+pub mod cri;
 pub mod fake_ipamd;
+pub mod lab;
 pub mod netns;
 pub mod plugin;
 

@@ -55,6 +55,12 @@ fn script() -> PathBuf {
 
 impl Emulator {
     pub fn start() -> Emulator {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// Listening on `host` (`0.0.0.0`: reachable from other namespaces routed here);
+    /// the endpoint stays on loopback for the caller.
+    pub fn start_on(host: &str) -> Emulator {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -62,6 +68,7 @@ impl Emulator {
         let out = Command::new(script())
             .arg("start")
             .env("EMULATOR_PORT", port.to_string())
+            .env("EMULATOR_HOST", host)
             .output()
             .expect("run localstack/emulator");
         assert!(
