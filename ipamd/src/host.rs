@@ -108,7 +108,9 @@ impl Backend {
             cmd,
             has_check: true,
             has_wait: true,
-            is_numeric: false,
+            // `chain_exists` runs `iptables -L <chain>`: without -n every address in the
+            // chain is looked up in DNS (5 s per lookup where DNS is unreachable).
+            is_numeric: true,
         }
     }
 }

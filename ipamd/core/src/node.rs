@@ -1090,6 +1090,7 @@ impl Node {
 
     /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses.
     pub async fn reconcile(&self) {
+        let t0 = Instant::now();
         let enis = match self.ec2.instance_enis(&self.meta.instance_id).await {
             Ok(e) => e,
             Err(e) => {
@@ -1098,8 +1099,10 @@ impl Node {
                 return;
             }
         };
+        let t_describe = t0.elapsed();
         // IMDS knows what EC2's describe lacks: subnet CIDRs, and the VPC's CIDRs.
         let imds_enis = self.imds.enis().await.unwrap_or_default();
+        let t_imds = t0.elapsed();
         if let Some(p) = imds_enis.iter().find(|e| e.mac == self.meta.primary_mac)
             && !p.vpc_cidrs.is_empty()
             && self.vpc_cidrs() != p.vpc_cidrs
@@ -1160,7 +1163,14 @@ impl Node {
         self.runtime.lock().unwrap().last_reconcile = Some(Instant::now());
         self.metrics.reconciled("nodeIPPoolReconcile");
         self.addresses_added.notify_waiters();
+        let t_store = t0.elapsed();
         self.converge_host().await;
+        debug!(
+            "reconcile: describe {t_describe:?}, IMDS {:?}, store {:?}, host {:?}",
+            t_imds - t_describe,
+            t_store - t_imds,
+            t0.elapsed() - t_store
+        );
     }
 
     async fn housekeeping(&self) {
