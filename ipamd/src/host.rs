@@ -396,11 +396,10 @@ impl HostNetwork for LinuxHost {
         Ok(())
     }
 
-    async fn pod_routes(&self) -> Vec<(Ipv4Addr, String)> {
-        let (Ok(links), Ok(routes)) = (self.nl.links().await, self.nl.routes().await) else {
-            return vec![];
-        };
-        routes
+    async fn pod_routes(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+        let links = self.nl.links().await.map_err(nl_err)?;
+        let routes = self.nl.routes().await.map_err(nl_err)?;
+        Ok(routes
             .into_iter()
             .filter(|r| r.table == MAIN_TABLE && r.dst_len == 32)
             .filter_map(|r| {
@@ -409,6 +408,6 @@ impl HostNetwork for LinuxHost {
                     .starts_with(&self.veth_prefix)
                     .then(|| (r.dst, l.name.clone()))
             })
-            .collect()
+            .collect())
     }
 }

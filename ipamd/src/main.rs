@@ -33,6 +33,7 @@ fn timing() -> Result<Timing, String> {
     ms("IPAMD_LEAKED_ENI_SWEEP_MS", &mut t.leaked_sweep_interval)?;
     ms("IPAMD_LEAKED_ENI_MIN_AGE_MS", &mut t.leaked_min_age)?;
     ms("IPAMD_ENI_LINK_WAIT_MS", &mut t.eni_link_wait)?;
+    ms("IPAMD_RECLAIM_AFTER_MS", &mut t.reclaim_after)?;
     if let Ok(v) = std::env::var("IPAMD_CHECKPOINT_FSYNC") {
         t.checkpoint_fsync = match v.as_str() {
             "true" | "1" => true,

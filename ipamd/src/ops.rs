@@ -533,6 +533,12 @@ pub fn render_metrics(node: &Node, ec2: &CallStats) -> String {
         &m.reconciles(),
     );
     o.one(
+        "awscni_reclaimed_ip_addresses",
+        "counter",
+        "Assignments released because their pod had no interface on the host (a DEL that never reached ipamd)",
+        m.reclaimed_ips.load(relaxed),
+    );
+    o.one(
         "awscni_leaked_enis_deleted",
         "counter",
         "ENIs this node created and found unattached, deleted by the sweep",

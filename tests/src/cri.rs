@@ -26,6 +26,8 @@ pub struct PodSpec {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// A hostNetwork pod: no CNI call at all.
+    pub host_network: bool,
 }
 
 impl PodSpec {
@@ -34,6 +36,7 @@ impl PodSpec {
             namespace: namespace.into(),
             name: name.into(),
             uid: format!("uid-{namespace}-{name}"),
+            host_network: false,
         }
     }
 }
@@ -90,7 +93,11 @@ impl Cri {
                 cgroup_parent: String::new(),
                 security_context: Some(pb::LinuxSandboxSecurityContext {
                     namespace_options: Some(pb::NamespaceOption {
-                        network: pb::NamespaceMode::Pod as i32,
+                        network: if pod.host_network {
+                            pb::NamespaceMode::Node
+                        } else {
+                            pb::NamespaceMode::Pod
+                        } as i32,
                         pid: pb::NamespaceMode::Pod as i32,
                         ipc: pb::NamespaceMode::Pod as i32,
                     }),

@@ -365,6 +365,7 @@ impl Lab {
             ("IPAMD_RECONCILE_INTERVAL_MS".into(), "2000".into()),
             ("IPAMD_LEAKED_ENI_MIN_AGE_MS".into(), "0".into()),
             ("IP_COOLDOWN_PERIOD".into(), "1".into()),
+            ("IPAMD_RECLAIM_AFTER_MS".into(), "3000".into()),
         ];
         for (k, v) in &self.knobs {
             env.retain(|(e, _)| e != k);
@@ -409,11 +410,23 @@ impl Lab {
     /// SIGKILLs node `i`'s ipamd (the entrypoint then exits too, as the container would).
     pub fn kill_ipamd(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        if let Some(pid) = n.ipamd_pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
+        let pid = n.ipamd_pid().expect("ipamd runs under the entrypoint");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        // Gone before the new one starts, as a container's processes are.
+        let t0 = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "ipamd {pid} survived SIGKILL"
             );
+            std::thread::sleep(Duration::from_millis(10));
         }
         if let Some(mut c) = n.entrypoint.take() {
             let _ = c.kill();

@@ -209,7 +209,7 @@ pub trait HostNetwork: Send + Sync {
     /// Undoes `setup_eni` (before the ENI is detached).
     async fn teardown_eni(&self, eni: &EniNet) -> Result<(), String>;
     /// Pods' host routes (address, host veth), to rebuild a lost checkpoint.
-    async fn pod_routes(&self) -> Vec<(Ipv4Addr, String)>;
+    async fn pod_routes(&self) -> Result<Vec<(Ipv4Addr, String)>, String>;
 }
 
 #[cfg(test)]

@@ -70,6 +70,8 @@ pub struct Metrics {
     errors: Mutex<BTreeMap<String, u64>>,
     /// Reconciles by kind (awscni_reconcile_count{fn}).
     reconciles: Mutex<BTreeMap<String, u64>>,
+    /// Assignments released because their pod had no interface on the host.
+    pub reclaimed_ips: AtomicU64,
     /// Leaked ENIs deleted by the sweep.
     pub leaked_enis_deleted: AtomicU64,
     /// AddNetwork latency, answered ones only.

@@ -45,6 +45,9 @@ pub struct Timing {
     pub checkpoint_fsync: bool,
     /// How long a newly attached ENI's link may take to appear on the host.
     pub eni_link_wait: Duration,
+    /// An assignment whose pod has had no interface on the host for this long is
+    /// released (a DEL that never reached ipamd). Zero: never.
+    pub reclaim_after: Duration,
 }
 
 impl Default for Timing {
@@ -61,6 +64,7 @@ impl Default for Timing {
             compact_every_ops: 2000,
             checkpoint_fsync: true,
             eni_link_wait: Duration::from_secs(60),
+            reclaim_after: Duration::from_secs(60),
         }
     }
 }
@@ -257,7 +261,10 @@ impl Node {
                 let aside = checkpoint::set_aside(&path).map_err(|io| {
                     StartError::Checkpoint(format!("{e}; and setting it aside failed: {io}"))
                 })?;
-                let routes = host.pod_routes().await;
+                let routes = host.pod_routes().await.unwrap_or_else(|e| {
+                    error!("reading the host's pod routes: {e}");
+                    vec![]
+                });
                 error!(
                     "{e}; moved it to {} and rebuilt {} assignments from the host's pod routes",
                     aside.display(),
@@ -1165,12 +1172,69 @@ impl Node {
         self.addresses_added.notify_waiters();
         let t_store = t0.elapsed();
         self.converge_host().await;
+        self.reclaim_stale().await;
         debug!(
             "reconcile: describe {t_describe:?}, IMDS {:?}, store {:?}, host {:?}",
             t_imds - t_describe,
             t_store - t_imds,
             t0.elapsed() - t_store
         );
+    }
+
+    /// Releases assignments whose pod has no interface on the host (no /32 route to the
+    /// address through one of our veths) and that are older than `reclaim_after`: the
+    /// runtime deleted the pod while ipamd could not be reached (the plugin's DEL then
+    /// succeeds from local state), or forgot a sandbox whose setup failed. Without this,
+    /// such an address would stay assigned forever.
+    pub async fn reclaim_stale(&self) -> usize {
+        let grace = self.timing.reclaim_after;
+        if grace.is_zero() {
+            return 0;
+        }
+        let routes = match self.host.pod_routes().await {
+            Ok(r) => r,
+            Err(e) => {
+                // Never guess: an unreadable host is not a host without pods.
+                debug!("reclaim: cannot read the host's pod routes: {e}");
+                return 0;
+            }
+        };
+        let live: BTreeSet<Ipv4Addr> = routes.iter().map(|(ip, _)| *ip).collect();
+        let now = now_ns();
+        let grace_ns = grace.as_nanos() as u64;
+        let pending: Vec<_> = {
+            let mut s = self.store.lock().unwrap();
+            let stale: Vec<SandboxKey> = s
+                .assignments()
+                .into_iter()
+                .filter(|a| {
+                    !live.contains(&a.ip) && now.saturating_sub(a.assigned_at_ns) >= grace_ns
+                })
+                .map(|a| a.key)
+                .collect();
+            stale
+                .iter()
+                .filter_map(|k| s.release(k, now))
+                .map(|a| (self.journal.record_del(&a, now), a))
+                .collect()
+        };
+        let n = pending.len();
+        for (p, a) in pending {
+            match p.durable().await {
+                Ok(()) => {
+                    self.metrics.reclaimed_ips.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "released {} of {}/{} (container {}): its pod has no interface on this host (a DEL that never reached ipamd)",
+                        a.ip, a.pod.namespace, a.pod.name, a.key.container_id
+                    );
+                }
+                Err(e) => error!("checkpoint while releasing {}: {e}", a.ip),
+            }
+        }
+        if n > 0 {
+            self.wake_pool.notify_one();
+        }
+        n
     }
 
     async fn housekeeping(&self) {
@@ -1350,9 +1414,91 @@ mod tests {
         async fn teardown_eni(&self, _: &EniNet) -> Result<(), String> {
             Ok(())
         }
-        async fn pod_routes(&self) -> Vec<(Ipv4Addr, String)> {
-            self.0.clone()
+        async fn pod_routes(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+            Ok(self.0.clone())
         }
+    }
+
+    /// A host whose pod routes the test sets; `None`: they cannot be read.
+    struct LiveHost(std::sync::Mutex<Option<Vec<(Ipv4Addr, String)>>>);
+
+    #[async_trait]
+    impl HostNetwork for LiveHost {
+        async fn setup_node(&self, _: &NodeNet) -> Result<(), String> {
+            Ok(())
+        }
+        async fn setup_eni(&self, _: &EniNet, _: Duration) -> Result<(), String> {
+            Ok(())
+        }
+        async fn teardown_eni(&self, _: &EniNet) -> Result<(), String> {
+            Ok(())
+        }
+        async fn pod_routes(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+            self.0
+                .lock()
+                .unwrap()
+                .clone()
+                .ok_or_else(|| "netlink: busy".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn assignments_without_a_pod_interface_are_reclaimed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::from_env(|_| None).unwrap();
+        cfg.backing_store = dir.path().join("ipam.json").display().to_string();
+        cfg.ip_cooldown = Duration::ZERO;
+        cfg.add_wait = Duration::from_millis(100);
+        let host = Arc::new(LiveHost(std::sync::Mutex::new(Some(vec![]))));
+        let timing = Timing {
+            reclaim_after: Duration::from_millis(300),
+            ..Timing::default()
+        };
+        let start = |cfg: Config, host: Arc<LiveHost>| {
+            let timing = timing.clone();
+            async move {
+                Node::start(cfg, Arc::new(NoEc2), Arc::new(FakeImds), host, timing)
+                    .await
+                    .unwrap()
+            }
+        };
+        let node = start(cfg.clone(), host.clone()).await;
+        let mut ips = Vec::new();
+        for c in ["kept", "gone"] {
+            let key = SandboxKey {
+                network: "aws-cni".into(),
+                container_id: c.into(),
+                if_name: "eth0".into(),
+            };
+            let AddOutcome::Assigned(a) = node.add(key, PodRef::default()).await.unwrap() else {
+                panic!("no address")
+            };
+            ips.push(a.ip);
+        }
+        // Only the first pod's interface exists (the second's DEL never reached ipamd).
+        *host.0.lock().unwrap() = Some(vec![(ips[0], "eni1".into())]);
+        assert_eq!(
+            node.reclaim_stale().await,
+            0,
+            "too young: an ADD may be in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        *host.0.lock().unwrap() = None;
+        assert_eq!(
+            node.reclaim_stale().await,
+            0,
+            "an unreadable host proves nothing"
+        );
+        *host.0.lock().unwrap() = Some(vec![(ips[0], "eni1".into())]);
+        assert_eq!(node.reclaim_stale().await, 1);
+        let held: Vec<Ipv4Addr> = node.assignments().iter().map(|a| a.ip).collect();
+        assert_eq!(held, vec![ips[0]]);
+        assert_eq!(node.metrics.reclaimed_ips.load(Ordering::Relaxed), 1);
+        // Durable: a restarted ipamd holds only the live pod's address.
+        drop(node);
+        let node = start(cfg, host).await;
+        let held: Vec<Ipv4Addr> = node.assignments().iter().map(|a| a.ip).collect();
+        assert_eq!(held, vec![ips[0]]);
     }
 
     #[tokio::test]

@@ -64,6 +64,8 @@ impl Ipamd {
             ("IPAMD_ENI_MIN_AGE_MS", "0".into()),
             ("IPAMD_RECONCILE_INTERVAL_MS", "2000".into()),
             ("IPAMD_LEAKED_ENI_MIN_AGE_MS", "0".into()),
+            // These tests' pods are gRPC calls, without interfaces on the host.
+            ("IPAMD_RECLAIM_AFTER_MS", "0".into()),
             ("IP_COOLDOWN_PERIOD", "0".into()),
         ] {
             env.insert(k.to_string(), v);
