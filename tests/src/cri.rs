@@ -77,7 +77,12 @@ impl Cri {
                 namespace: pod.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: pod.name.clone(),
+            // kubelet leaves the hostname to the node for hostNetwork pods.
+            hostname: if pod.host_network {
+                String::new()
+            } else {
+                pod.name.clone()
+            },
             log_directory: String::new(),
             dns_config: None,
             labels: [

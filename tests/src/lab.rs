@@ -33,15 +33,23 @@ const INTERNET_GW: &str = "203.0.113.1";
 
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// A workspace binary: `target/debug/<name>`, or `target/release/<name>` with
+/// `VPC_CNI_PROFILE=release` (benchmarks).
 fn bin(name: &str) -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let p = target.join("debug").join(name);
+    let profile = std::env::var("VPC_CNI_PROFILE").unwrap_or_else(|_| "debug".into());
+    let p = target.join(&profile).join(name);
     assert!(
         p.exists(),
-        "{} not found: run `cargo build --workspace --bins` first",
-        p.display()
+        "{} not found: run `cargo build{} --workspace --bins` first",
+        p.display(),
+        if profile == "release" {
+            " --release"
+        } else {
+            ""
+        }
     );
     p
 }
