@@ -242,23 +242,28 @@ async fn daemon() -> ExitCode {
         env,
     };
     let mut side = Vec::new();
-    if !node.cfg.disable_introspection {
-        let addr = node.cfg.introspection_bind_address.clone();
-        let (router, stop) = (ops::introspection_router(ops.clone()), stopped());
+    for (what, off, addr, router) in [
+        (
+            "introspection",
+            node.cfg.disable_introspection,
+            &node.cfg.introspection_bind_address,
+            ops::introspection_router(ops.clone()),
+        ),
+        (
+            "metrics",
+            node.cfg.disable_metrics,
+            &node.cfg.metrics_bind_address,
+            ops::metrics_router(ops.clone()),
+        ),
+    ] {
+        if off {
+            continue;
+        }
+        let (addr, stop) = (addr.clone(), stopped());
         side.push(tokio::spawn(async move {
-            info!("introspection on {addr}");
+            info!("{what} on {addr}");
             if let Err(e) = ops::serve(&addr, router, stop).await {
-                error!("introspection server on {addr}: {e}");
-            }
-        }));
-    }
-    if !node.cfg.disable_metrics {
-        let addr = node.cfg.metrics_bind_address.clone();
-        let (router, stop) = (ops::metrics_router(ops.clone()), stopped());
-        side.push(tokio::spawn(async move {
-            info!("metrics on {addr}/metrics");
-            if let Err(e) = ops::serve(&addr, router, stop).await {
-                error!("metrics server on {addr}: {e}");
+                error!("{what} server on {addr}: {e}");
             }
         }));
     }

@@ -1400,27 +1400,15 @@ mod tests {
         }
     }
 
-    /// A host whose only pod route is given; its network setup succeeds.
-    struct Host(Vec<(Ipv4Addr, String)>);
+    /// A host whose pod routes the test sets (`None`: they cannot be read); its network
+    /// setup succeeds.
+    struct LiveHost(std::sync::Mutex<Option<Vec<(Ipv4Addr, String)>>>);
 
-    #[async_trait]
-    impl HostNetwork for Host {
-        async fn setup_node(&self, _: &NodeNet) -> Result<(), String> {
-            Ok(())
-        }
-        async fn setup_eni(&self, _: &EniNet, _: Duration) -> Result<(), String> {
-            Ok(())
-        }
-        async fn teardown_eni(&self, _: &EniNet) -> Result<(), String> {
-            Ok(())
-        }
-        async fn pod_routes(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
-            Ok(self.0.clone())
+    impl LiveHost {
+        fn with(routes: Vec<(Ipv4Addr, String)>) -> Arc<LiveHost> {
+            Arc::new(LiveHost(std::sync::Mutex::new(Some(routes))))
         }
     }
-
-    /// A host whose pod routes the test sets; `None`: they cannot be read.
-    struct LiveHost(std::sync::Mutex<Option<Vec<(Ipv4Addr, String)>>>);
 
     #[async_trait]
     impl HostNetwork for LiveHost {
@@ -1449,7 +1437,7 @@ mod tests {
         cfg.backing_store = dir.path().join("ipam.json").display().to_string();
         cfg.ip_cooldown = Duration::ZERO;
         cfg.add_wait = Duration::from_millis(100);
-        let host = Arc::new(LiveHost(std::sync::Mutex::new(Some(vec![]))));
+        let host = LiveHost::with(vec![]);
         let timing = Timing {
             reclaim_after: Duration::from_millis(300),
             ..Timing::default()
@@ -1511,10 +1499,7 @@ mod tests {
         cfg.ip_cooldown = Duration::ZERO;
         cfg.add_wait = Duration::from_millis(100);
         // The plugin named default/nginx's veth enic440f455693 and routed 10.0.0.6 to it.
-        let host = Arc::new(Host(vec![(
-            "10.0.0.6".parse().unwrap(),
-            "enic440f455693".into(),
-        )]));
+        let host = LiveHost::with(vec![("10.0.0.6".parse().unwrap(), "enic440f455693".into())]);
         let node = Node::start(
             cfg,
             Arc::new(NoEc2),
