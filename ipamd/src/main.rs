@@ -93,7 +93,21 @@ const USAGE: &str = "usage: ipamd                 run the daemon (configured by 
        ipamd health [SOCKET]  exit 0 when ipamd's gRPC health check says SERVING
                               (default IPAMD_SOCKET or /var/run/aws-node/ipamd.sock)";
 
+/// glibc gives each thread that contends for malloc an arena of its own (up to 8 per
+/// core); with the runtime's workers and the blocking threads of iptables and journal
+/// writes, that doubled ipamd's RSS (31 MB against 17 MB measured through the lab's
+/// bench-e2e). Two arenas are plenty for a daemon this size.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called first thing in main, before any other thread exists; mallopt only
+    // changes allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         None => {}
