@@ -533,6 +533,18 @@ pub fn render_metrics(node: &Node, ec2: &CallStats) -> String {
         &m.reconciles(),
     );
     o.one(
+        "awscni_force_removed_enis",
+        "counter",
+        "ENIs EC2 no longer showed attached (detached by someone else), forgotten by ipamd",
+        m.force_removed_enis.load(relaxed),
+    );
+    o.one(
+        "awscni_force_removed_ips",
+        "counter",
+        "Free addresses EC2 no longer showed on their ENI (unassigned by someone else), forgotten by ipamd",
+        m.force_removed_ips.load(relaxed),
+    );
+    o.one(
         "awscni_reclaimed_ip_addresses",
         "counter",
         "Assignments released because their pod had no interface on the host (a DEL that never reached ipamd)",

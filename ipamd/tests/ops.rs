@@ -304,3 +304,62 @@ async fn introspection_on_a_unix_socket_and_endpoints_disabled_() {
         "moved to the socket"
     );
 }
+
+#[test]
+fn addresses_removed_behind_ipamds_back_are_forgotten_counted_and_refilled() {
+    in_node_ns("ops-force", addresses_removed_behind_ipamds_back_)
+}
+
+async fn addresses_removed_behind_ipamds_back_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let d = Ipamd::start(&emu, &[]);
+    let _c = d.client().await;
+    let got = eventually(Duration::from_secs(20), (1, 9), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 9), "{}", d.log());
+    let view = ec2_view(&emu, &id).await;
+    let (eni, victims) = (view[0].0.clone(), view[0].2[..2].to_vec());
+    // Someone (a person, another tool) unassigns two free addresses in EC2.
+    let conf = ec2_emulator_sdk_check::sdk_config(&emu.endpoint, "us-west-2").await;
+    aws_sdk_ec2::Client::new(&conf)
+        .unassign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses(&victims[0])
+        .private_ip_addresses(&victims[1])
+        .send()
+        .await
+        .unwrap();
+    // Two reconciles in a row (2 s apart here) confirm it; ipamd forgets them, counts
+    // them under upstream's metric, and refills the pool to its target.
+    let removed = eventually(Duration::from_secs(20), Some(2.0), async || {
+        sample(&scrape(), "awscni_force_removed_ips")
+    })
+    .await;
+    assert_eq!(removed, Some(2.0), "{}", d.log());
+    assert!(
+        d.log()
+            .contains(&format!("{} is no longer on {eni} in EC2", victims[0]))
+    );
+    let agree = eventually(Duration::from_secs(20), true, async || {
+        let ec2: BTreeSet<String> = ec2_view(&emu, &id).await[0]
+            .2
+            .iter()
+            .map(|ip| format!("{ip}/32"))
+            .collect();
+        let ours: BTreeSet<String> = http_get(INTROSPECTION, "/v1/enis")
+            .map(|e| {
+                e["ENIs"][&eni]["AvailableIPv4Cidrs"]
+                    .as_object()
+                    .map(|c| c.keys().cloned().collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        ec2.len() == 9 && ec2 == ours
+    })
+    .await;
+    assert!(agree, "ipamd and EC2 agree again, 9 addresses\n{}", d.log());
+    assert_eq!(sample(&scrape(), "awscni_force_removed_enis"), Some(0.0));
+}

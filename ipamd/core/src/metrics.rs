@@ -70,6 +70,9 @@ pub struct Metrics {
     errors: Mutex<BTreeMap<String, u64>>,
     /// Reconciles by kind (awscni_reconcile_count{fn}).
     reconciles: Mutex<BTreeMap<String, u64>>,
+    /// ENIs and addresses EC2 no longer had (removed by someone else), forgotten.
+    pub force_removed_enis: AtomicU64,
+    pub force_removed_ips: AtomicU64,
     /// Assignments released because their pod had no interface on the host.
     pub reclaimed_ips: AtomicU64,
     /// Leaked ENIs deleted by the sweep.

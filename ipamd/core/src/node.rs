@@ -111,6 +111,9 @@ struct PoolRuntime {
     last_reconcile: Option<Instant>,
     last_sweep: Option<Instant>,
     decisions: Vec<DecisionRecord>,
+    /// What the datastore held that EC2's last describe did not show: removed only when
+    /// two describes in a row agree (describes can lag behind a change).
+    missing: BTreeSet<String>,
 }
 
 pub struct Node {
@@ -1098,6 +1101,21 @@ impl Node {
     /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses.
     pub async fn reconcile(&self) {
         let t0 = Instant::now();
+        // What we held before asking EC2: only that can have been removed behind our back
+        // (addresses we add while the describe runs are not in it).
+        let before: Vec<(String, bool, Vec<Ipv4Addr>, Vec<Ipv4Net>)> = {
+            let s = self.store.lock().unwrap();
+            s.enis()
+                .map(|e| {
+                    (
+                        e.id.clone(),
+                        e.is_primary,
+                        e.ips.iter().copied().collect(),
+                        e.prefixes.iter().copied().collect(),
+                    )
+                })
+                .collect()
+        };
         let enis = match self.ec2.instance_enis(&self.meta.instance_id).await {
             Ok(e) => e,
             Err(e) => {
@@ -1167,6 +1185,7 @@ impl Node {
                 }
             }
         }
+        self.force_remove(&before, &enis).await;
         self.runtime.lock().unwrap().last_reconcile = Some(Instant::now());
         self.metrics.reconciled("nodeIPPoolReconcile");
         self.addresses_added.notify_waiters();
@@ -1179,6 +1198,87 @@ impl Node {
             t_store - t_imds,
             t0.elapsed() - t_store
         );
+    }
+
+    /// Drops what EC2 no longer has (an address unassigned or an ENI detached by someone
+    /// else): what the datastore held before the describe and two describes in a row did
+    /// not show. Never an address a pod holds: that is logged, and kept.
+    async fn force_remove(
+        &self,
+        before: &[(String, bool, Vec<Ipv4Addr>, Vec<Ipv4Net>)],
+        enis: &[EniInfo],
+    ) {
+        let mut absent = BTreeSet::new();
+        for (id, primary, ips, prefixes) in before {
+            match enis.iter().find(|e| &e.id == id) {
+                Some(e) => {
+                    absent.extend(
+                        ips.iter()
+                            .filter(|ip| !e.secondary_ips.contains(ip))
+                            .map(|ip| format!("{id} {ip}")),
+                    );
+                    absent.extend(
+                        prefixes
+                            .iter()
+                            .filter(|p| !e.prefixes.contains(p))
+                            .map(|p| format!("{id} {p}")),
+                    );
+                }
+                None if !primary => {
+                    absent.insert(id.clone());
+                }
+                None => {}
+            }
+        }
+        let confirmed: Vec<String> = {
+            let mut rt = self.runtime.lock().unwrap();
+            let c = absent.intersection(&rt.missing).cloned().collect();
+            rt.missing = absent;
+            c
+        };
+        let mut gone = Vec::new();
+        {
+            let mut s = self.store.lock().unwrap();
+            for item in &confirmed {
+                let (id, what) = item.split_once(' ').unwrap_or((item.as_str(), ""));
+                let Some(eni) = s.eni(id) else { continue };
+                let result = if what.is_empty() {
+                    s.remove_eni(id).map(|e| gone.push(e))
+                } else if let Ok(ip) = what.parse::<Ipv4Addr>() {
+                    if !eni.ips.contains(&ip) {
+                        continue;
+                    }
+                    s.remove_ips(id, &[ip])
+                } else if let Some(p) = crate::net::parse_cidr(what) {
+                    if !eni.prefixes.contains(&p) {
+                        continue;
+                    }
+                    s.remove_prefix(id, p)
+                } else {
+                    continue;
+                };
+                match result {
+                    Ok(()) if what.is_empty() => {
+                        self.metrics
+                            .force_removed_enis
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!("{id} is no longer attached in EC2: forgotten");
+                    }
+                    Ok(()) => {
+                        self.metrics
+                            .force_removed_ips
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!("{what} is no longer on {id} in EC2: forgotten");
+                    }
+                    Err(e) => warn!("{item} is gone from EC2 but kept: {e}"),
+                }
+            }
+        }
+        for eni in gone {
+            if let Err(e) = self.host.teardown_eni(&self.eni_net(&eni)).await {
+                warn!("undoing the host side of {}: {e}", eni.id);
+            }
+        }
     }
 
     /// Releases assignments whose pod has no interface on the host (no /32 route to the
