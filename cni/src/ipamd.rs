@@ -103,7 +103,9 @@ impl Ipamd {
                 .with_details(format!("gRPC status {:?} from {}", s.code(), self.address))
         };
         match s.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            // Unknown is what a connection that breaks mid-call becomes ("transport
+            // error": ipamd died or restarted under us); ipamd never answers it itself.
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
                 CallError::Unreachable(err(ErrorCode::TryAgainLater))
             }
             _ => CallError::Failed(err(ErrorCode::Ipamd)),

@@ -179,6 +179,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return;
         }
         // Sandboxes left behind by a failed test: kill their tasks, then containerd.
+        let (_, containers) = self.ctr(&["-n", "k8s.io", "containers", "ls", "-q"]);
         let (_, tasks) = self.ctr(&["-n", "k8s.io", "tasks", "ls", "-q"]);
         for t in tasks.lines().filter(|l| !l.is_empty()) {
             let _ = self.ctr(&["-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", t]);
@@ -213,6 +214,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 ),
             ])
             .output();
+        // And what runc keeps outside our directory for them: cgroups and its state.
+        for id in containers
+            .lines()
+            .filter(|l| !l.is_empty() && !l.contains('/'))
+        {
+            for dir in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = std::fs::remove_dir(dir.path().join("k8s.io").join(id));
+            }
+            let _ = std::fs::remove_dir_all(format!("/run/containerd/runc/k8s.io/{id}"));
+        }
     }
 }
 

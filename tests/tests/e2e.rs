@@ -237,11 +237,13 @@ fn ipamd_killed_during_pod_churn_loses_nothing_and_the_pool_recovers() {
                     }
                     if live.len() > 6 {
                         let (id, _) = live.pop_front().unwrap();
-                        // kubelet retries a failed stop, too.
+                        // kubelet retries a failed stop or remove, too.
                         while c1.stop(&id).await.is_err() {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
-                        c1.remove(&id).await.unwrap();
+                        while c1.remove(&id).await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
                     }
                 }
                 (live, created, retries)
