@@ -214,19 +214,23 @@ pub fn status(addr: &str) -> Result<String, String> {
     Ok(render_status(&enis, &pool, &pods))
 }
 
-/// The gRPC health check over ipamd's socket: Ok when SERVING.
+/// ipamd's gRPC health check: Ok when it answers SERVING (the probes, the entrypoint's
+/// wait, the tests' waits).
+pub async fn serving(addr: &aws_cni::config::IpamdAddress) -> Result<(), String> {
+    let msg = |e| aws_cni::error::CniError::from(e).to_string();
+    let c = aws_cni::ipamd::Ipamd::connect(addr).await.map_err(msg)?;
+    match c.health().await.map_err(msg)? {
+        vpc_cni_proto::health::health_check_response::ServingStatus::Serving => Ok(()),
+        other => Err(format!("ipamd at {addr} is {}", other.as_str_name())),
+    }
+}
+
+/// `ipamd health [SOCKET]`: `serving` on a runtime of its own.
 pub fn health(socket: &str) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let addr = aws_cni::config::IpamdAddress::parse(socket).map_err(|e| e.to_string())?;
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
-    let addr = aws_cni::config::IpamdAddress::parse(socket).map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let msg = |e| aws_cni::error::CniError::from(e).to_string();
-        let c = aws_cni::ipamd::Ipamd::connect(&addr).await.map_err(msg)?;
-        match c.health().await.map_err(msg)? {
-            vpc_cni_proto::health::health_check_response::ServingStatus::Serving => Ok(()),
-            other => Err(format!("ipamd at {addr} is {}", other.as_str_name())),
-        }
-    })
+        .map_err(|e| e.to_string())?
+        .block_on(serving(&addr))
 }

@@ -130,14 +130,6 @@ fn log(msg: impl std::fmt::Display) {
     eprintln!("aws-vpc-cni: {msg}");
 }
 
-async fn healthy(addr: &IpamdAddress) -> bool {
-    use vpc_cni_proto::health::health_check_response::ServingStatus;
-    match aws_cni::ipamd::Ipamd::connect(addr).await {
-        Ok(c) => matches!(c.health().await, Ok(ServingStatus::Serving)),
-        Err(_) => false,
-    }
-}
-
 pub async fn run(s: Settings) -> ExitCode {
     let plugin = match std::fs::read(&s.plugin_source) {
         Ok(b) => b,
@@ -197,8 +189,8 @@ pub async fn run(s: Settings) -> ExitCode {
             }
             _ = term.recv() => { pass_on(&child, nix::sys::signal::Signal::SIGTERM); let _ = child.wait().await; return ExitCode::from(143); }
             _ = int.recv() => { pass_on(&child, nix::sys::signal::Signal::SIGINT); let _ = child.wait().await; return ExitCode::from(130); }
-            ok = healthy(&addr) => {
-                if ok { break; }
+            ok = crate::cli::serving(&addr) => {
+                if ok.is_ok() { break; }
                 if Instant::now() >= deadline {
                     log(format!("ipamd not healthy at {addr} within {:?}; stopping it, not writing {CONFLIST_NAME}", s.ready_timeout));
                     pass_on(&child, nix::sys::signal::Signal::SIGTERM);

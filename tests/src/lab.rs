@@ -124,7 +124,6 @@ pub struct Lab {
     pub ec2: aws_sdk_ec2::Client,
     pub nodes: Vec<LabNode>,
     pub subnets: BTreeMap<String, (Ipv4Addr, u8)>,
-    pub vpc_cidr: String,
     pub dir: tempfile::TempDir,
     follow: Arc<AtomicBool>,
     follower: Option<std::thread::JoinHandle<()>>,
@@ -221,8 +220,6 @@ impl Lab {
                 )
             })
             .collect();
-        let vpcs = ec2.describe_vpcs().send().await.unwrap();
-        let vpc_cidr = vpcs.vpcs()[0].cidr_block().unwrap().to_string();
         let id = fabric.trim_start_matches("lab-").to_string();
         let internet = format!("inet-{id}");
         sh(&["ip", "netns", "add", &internet]);
@@ -262,7 +259,6 @@ impl Lab {
             ec2,
             nodes: Vec::new(),
             subnets,
-            vpc_cidr,
             dir,
             follow: Arc::new(AtomicBool::new(true)),
             follower: None,

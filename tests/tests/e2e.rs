@@ -432,8 +432,5 @@ fn ipamd_killed_during_pod_churn_loses_nothing_and_the_pool_recovers() {
 
 async fn ipamd_serving(socket: &std::path::Path) -> bool {
     let addr = aws_cni::config::IpamdAddress::Unix(socket.display().to_string());
-    match aws_cni::ipamd::Ipamd::connect(&addr).await {
-        Ok(c) => c.health().await.is_ok(),
-        Err(_) => false,
-    }
+    ipamd::cli::serving(&addr).await.is_ok()
 }

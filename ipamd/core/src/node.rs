@@ -113,7 +113,25 @@ struct PoolRuntime {
     decisions: Vec<DecisionRecord>,
     /// What the datastore held that EC2's last describe did not show: removed only when
     /// two describes in a row agree (describes can lag behind a change).
-    missing: BTreeSet<String>,
+    missing: BTreeSet<Lost>,
+}
+
+/// Something the datastore holds that EC2 stopped showing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Lost {
+    Eni(String),
+    Ip(String, Ipv4Addr),
+    Prefix(String, Ipv4Net),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Eni(id) => write!(f, "{id} is no longer attached"),
+            Lost::Ip(id, ip) => write!(f, "{ip} is no longer on {id}"),
+            Lost::Prefix(id, p) => write!(f, "{p} is no longer on {id}"),
+        }
+    }
 }
 
 pub struct Node {
@@ -1215,22 +1233,22 @@ impl Node {
                     absent.extend(
                         ips.iter()
                             .filter(|ip| !e.secondary_ips.contains(ip))
-                            .map(|ip| format!("{id} {ip}")),
+                            .map(|ip| Lost::Ip(id.clone(), *ip)),
                     );
                     absent.extend(
                         prefixes
                             .iter()
                             .filter(|p| !e.prefixes.contains(p))
-                            .map(|p| format!("{id} {p}")),
+                            .map(|p| Lost::Prefix(id.clone(), *p)),
                     );
                 }
                 None if !primary => {
-                    absent.insert(id.clone());
+                    absent.insert(Lost::Eni(id.clone()));
                 }
                 None => {}
             }
         }
-        let confirmed: Vec<String> = {
+        let confirmed: Vec<Lost> = {
             let mut rt = self.runtime.lock().unwrap();
             let c = absent.intersection(&rt.missing).cloned().collect();
             rt.missing = absent;
@@ -1239,38 +1257,35 @@ impl Node {
         let mut gone = Vec::new();
         {
             let mut s = self.store.lock().unwrap();
-            for item in &confirmed {
-                let (id, what) = item.split_once(' ').unwrap_or((item.as_str(), ""));
-                let Some(eni) = s.eni(id) else { continue };
-                let result = if what.is_empty() {
-                    s.remove_eni(id).map(|e| gone.push(e))
-                } else if let Ok(ip) = what.parse::<Ipv4Addr>() {
-                    if !eni.ips.contains(&ip) {
-                        continue;
+            for lost in &confirmed {
+                // Still as we saw it? (Our own pool loop may have changed it since.)
+                let result = match lost {
+                    Lost::Eni(id) if s.eni(id).is_some() => s.remove_eni(id).map(|e| {
+                        gone.push(e);
+                        0
+                    }),
+                    Lost::Ip(id, ip) if s.eni(id).is_some_and(|e| e.ips.contains(ip)) => {
+                        s.remove_ips(id, &[*ip]).map(|()| 1)
                     }
-                    s.remove_ips(id, &[ip])
-                } else if let Some(p) = crate::net::parse_cidr(what) {
-                    if !eni.prefixes.contains(&p) {
-                        continue;
-                    }
-                    s.remove_prefix(id, p)
-                } else {
-                    continue;
+                    Lost::Prefix(id, p) if s.eni(id).is_some_and(|e| e.prefixes.contains(p)) => s
+                        .remove_prefix(id, *p)
+                        .map(|()| p.addresses().count() as u64),
+                    _ => continue,
                 };
-                match result {
-                    Ok(()) if what.is_empty() => {
+                match (lost, result) {
+                    (Lost::Eni(id), Ok(_)) => {
                         self.metrics
                             .force_removed_enis
                             .fetch_add(1, Ordering::Relaxed);
                         warn!("{id} is no longer attached in EC2: forgotten");
                     }
-                    Ok(()) => {
+                    (_, Ok(n)) => {
                         self.metrics
                             .force_removed_ips
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!("{what} is no longer on {id} in EC2: forgotten");
+                            .fetch_add(n, Ordering::Relaxed);
+                        warn!("{lost} in EC2: forgotten");
                     }
-                    Err(e) => warn!("{item} is gone from EC2 but kept: {e}"),
+                    (_, Err(e)) => warn!("{lost} in EC2, but kept: {e}"),
                 }
             }
         }
