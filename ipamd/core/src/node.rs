@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +48,9 @@ pub struct Timing {
     /// An assignment whose pod has had no interface on the host for this long is
     /// released (a DEL that never reached ipamd). Zero: never.
     pub reclaim_after: Duration,
+    /// With the Kubernetes API watched, how long ENIs are left alone at start-up while the
+    /// first answer on whether the node is cordoned is awaited (then: as if schedulable).
+    pub schedule_wait: Duration,
 }
 
 impl Default for Timing {
@@ -65,6 +68,7 @@ impl Default for Timing {
             checkpoint_fsync: true,
             eni_link_wait: Duration::from_secs(60),
             reclaim_after: Duration::from_secs(60),
+            schedule_wait: Duration::from_secs(10),
         }
     }
 }
@@ -116,6 +120,49 @@ struct PoolRuntime {
     missing: BTreeSet<Lost>,
 }
 
+/// What the Kubernetes API says of this node, for AWS_MANAGE_ENIS_NON_SCHEDULABLE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Not read: no Kubernetes API configured, or AWS_MANAGE_ENIS_NON_SCHEDULABLE=true.
+    NotWatched,
+    /// Watched, no answer yet.
+    Pending,
+    Schedulable,
+    /// Cordoned: `spec.unschedulable`, or the `node.kubernetes.io/unschedulable:NoSchedule`
+    /// taint (upstream reads only the taint, which the node controller adds after a cordon).
+    Unschedulable,
+    /// The API has no node of that name.
+    NotFound,
+}
+
+impl Schedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::NotWatched => "not watched",
+            Schedule::Pending => "pending",
+            Schedule::Schedulable => "schedulable",
+            Schedule::Unschedulable => "unschedulable",
+            Schedule::NotFound => "not found",
+        }
+    }
+}
+
+/// Counts the AddNetwork calls waiting for an address while alive.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicU32) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Something the datastore holds that EC2 stopped showing.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Lost {
@@ -151,6 +198,10 @@ pub struct Node {
     wake_pool: Notify,
     addresses_added: Notify,
     attaching: AtomicBool,
+    /// AddNetwork calls waiting for an address now.
+    waiting: AtomicU32,
+    /// The node's schedulability and since when.
+    schedule: Mutex<(Schedule, Instant)>,
     ops_since_compact: AtomicU64,
     runtime: Mutex<PoolRuntime>,
     pub timing: Timing,
@@ -362,6 +413,8 @@ impl Node {
             wake_pool: Notify::new(),
             addresses_added: Notify::new(),
             attaching: AtomicBool::new(false),
+            waiting: AtomicU32::new(0),
+            schedule: Mutex::new((Schedule::NotWatched, Instant::now())),
             ops_since_compact: AtomicU64::new(0),
             runtime: Mutex::new(PoolRuntime::default()),
             timing,
@@ -442,6 +495,7 @@ impl Node {
 
     pub async fn add(&self, key: SandboxKey, pod: PodRef) -> std::io::Result<AddOutcome> {
         let deadline = Instant::now() + self.cfg.add_wait;
+        let mut waiting = None;
         loop {
             let added = self.addresses_added.notified();
             tokio::pin!(added);
@@ -473,6 +527,9 @@ impl Node {
                 }
                 return Ok(AddOutcome::Assigned(a));
             }
+            // Counted before the pool is woken: it sizes what it fetches for waiting pods
+            // on a cordoned node by this.
+            waiting.get_or_insert_with(|| Waiting::new(&self.waiting));
             self.wake_pool.notify_one();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -573,6 +630,59 @@ impl Node {
 
     pub fn decisions(&self) -> Vec<DecisionRecord> {
         self.runtime.lock().unwrap().decisions.clone()
+    }
+
+    /// What the Kubernetes API last said of this node, and since when.
+    pub fn schedule(&self) -> (Schedule, Instant) {
+        *self.schedule.lock().unwrap()
+    }
+
+    /// Records what the Kubernetes API says of this node (from its watcher).
+    pub fn set_schedule(&self, now: Schedule) {
+        let before = {
+            let mut s = self.schedule.lock().unwrap();
+            let before = s.0;
+            if before != now {
+                *s = (now, Instant::now());
+            }
+            before
+        };
+        if before == now {
+            return;
+        }
+        let manage = self.cfg.manage_enis_non_schedulable;
+        match now {
+            Schedule::Unschedulable if !manage => info!(
+                "node {} is cordoned: no ENI is attached or freed and the warm pool is not grown while it is (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false); pods that ask still get addresses on the ENIs attached",
+                self.cfg.node_name
+            ),
+            Schedule::NotFound => warn!(
+                "the Kubernetes API has no node named {:?} (MY_NODE_NAME): managing ENIs as on a schedulable node",
+                self.cfg.node_name
+            ),
+            _ => info!(
+                "node {}: {} (was {})",
+                self.cfg.node_name,
+                now.name(),
+                before.name()
+            ),
+        }
+        self.wake_pool.notify_one();
+    }
+
+    /// Why ENIs must be left alone now (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false on a
+    /// cordoned node, as upstream), or None.
+    pub fn eni_hold(&self) -> Option<&'static str> {
+        if self.cfg.manage_enis_non_schedulable {
+            return None;
+        }
+        match self.schedule() {
+            (Schedule::Unschedulable, _) => Some("node is cordoned"),
+            (Schedule::Pending, since) if since.elapsed() < self.timing.schedule_wait => {
+                Some("waiting for the Kubernetes API to say whether the node is cordoned")
+            }
+            _ => None,
+        }
     }
 
     /// Can an AddNetwork be answered now, or soon by growing the pool? (health)
@@ -687,6 +797,15 @@ impl Node {
         let outcome = outcome.into();
         debug!(?state, ?decision, %outcome, "pool");
         let mut rt = self.runtime.lock().unwrap();
+        // The same decision held back for the same reason, pass after pass: one record.
+        if let Some(last) = rt.decisions.last_mut()
+            && last.decision == *decision
+            && last.outcome == outcome
+            && last.state == state
+        {
+            last.at = SystemTime::now();
+            return;
+        }
         rt.decisions.push(DecisionRecord {
             at: SystemTime::now(),
             state,
@@ -709,9 +828,39 @@ impl Node {
         }
         let policy = self.policy(limits);
         let state = self.pool_state(limits);
-        let decision = policy.decide(&state);
+        let mut decision = policy.decide(&state);
         let prefix_mode = matches!(policy.mode, Mode::Prefix { .. });
+        let hold = self.eni_hold();
+        if let Some(why) = hold {
+            match decision {
+                Decision::AttachEni | Decision::FreeEni => {
+                    self.record(state, &decision, format!("held: {why}"));
+                    return false;
+                }
+                // Only what pods are waiting for: a DaemonSet pod tolerating the cordon
+                // is not stranded while the ENIs attached have room.
+                Decision::Assign { count } => {
+                    // Less the free addresses the waiting pods have not taken yet.
+                    let free = state.available().saturating_sub(state.cooldown);
+                    let short = self.waiting.load(Ordering::SeqCst).saturating_sub(free);
+                    let want = if prefix_mode {
+                        short.div_ceil(16)
+                    } else {
+                        short
+                    };
+                    if want == 0 {
+                        self.record(state, &decision, format!("held: {why}"));
+                        return false;
+                    }
+                    decision = Decision::Assign {
+                        count: count.min(want),
+                    };
+                }
+                _ => {}
+            }
+        }
         match decision {
+            Decision::Steady if hold.is_some() => false,
             Decision::Steady if !matches!(policy.mode, Mode::Eni { .. }) => {
                 // IP-target and prefix modes release addresses one by one; an ENI left
                 // holding none is not needed for the targets and goes too.
@@ -1543,6 +1692,48 @@ mod tests {
                 .clone()
                 .ok_or_else(|| "netlink: busy".into())
         }
+    }
+
+    #[tokio::test]
+    async fn enis_are_held_on_a_cordoned_node_unless_the_knob_says_manage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::from_env(|_| None).unwrap();
+        cfg.backing_store = dir.path().join("ipam.json").display().to_string();
+        let timing = Timing {
+            schedule_wait: Duration::from_millis(200),
+            ..Timing::default()
+        };
+        let start = |cfg: Config| {
+            let timing = timing.clone();
+            async move {
+                let host = LiveHost::with(vec![]);
+                Node::start(cfg, Arc::new(NoEc2), Arc::new(FakeImds), host, timing)
+                    .await
+                    .unwrap()
+            }
+        };
+        let node = start(cfg.clone()).await;
+        // Not watched (no API): never held.
+        assert_eq!(node.schedule().0, Schedule::NotWatched);
+        assert_eq!(node.eni_hold(), None);
+        // Watched, no answer yet: held for the wait, then managed as schedulable.
+        node.set_schedule(Schedule::Pending);
+        assert!(node.eni_hold().is_some());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(node.eni_hold(), None);
+        node.set_schedule(Schedule::Unschedulable);
+        assert_eq!(node.eni_hold(), Some("node is cordoned"));
+        node.set_schedule(Schedule::Schedulable);
+        assert_eq!(node.eni_hold(), None);
+        // A node the API does not know is managed (as upstream when its GET fails).
+        node.set_schedule(Schedule::NotFound);
+        assert_eq!(node.eni_hold(), None);
+        // AWS_MANAGE_ENIS_NON_SCHEDULABLE=true: a cordon changes nothing.
+        drop(node);
+        cfg.manage_enis_non_schedulable = true;
+        let node = start(cfg).await;
+        node.set_schedule(Schedule::Unschedulable);
+        assert_eq!(node.eni_hold(), None);
     }
 
     #[tokio::test]
