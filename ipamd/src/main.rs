@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipamd::{aws, host, ops};
+use ipamd::{aws, host, kube, ops};
 use ipamd_core::budget::{BudgetConfig, Budgeted};
 use ipamd_core::cloud::Imds;
 use ipamd_core::config;
@@ -34,6 +34,7 @@ fn timing() -> Result<Timing, String> {
     ms("IPAMD_LEAKED_ENI_MIN_AGE_MS", &mut t.leaked_min_age)?;
     ms("IPAMD_ENI_LINK_WAIT_MS", &mut t.eni_link_wait)?;
     ms("IPAMD_RECLAIM_AFTER_MS", &mut t.reclaim_after)?;
+    ms("IPAMD_SCHEDULE_WAIT_MS", &mut t.schedule_wait)?;
     if let Ok(v) = std::env::var("IPAMD_CHECKPOINT_FSYNC") {
         t.checkpoint_fsync = match v.as_str() {
             "true" | "1" => true,
@@ -73,7 +74,10 @@ fn init_logging() -> Result<(), String> {
         .with_target("hyper", quiet)
         .with_target("rustls", quiet)
         .with_target("h2", quiet)
-        .with_target("tower", quiet);
+        .with_target("tower", quiet)
+        .with_target("kube", quiet)
+        .with_target("kube_client", quiet)
+        .with_target("kube_runtime", quiet);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -192,6 +196,14 @@ async fn daemon() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let kube_plan = match kube::plan(&cfg, |k| std::env::var(k).ok()).await {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let t0 = std::time::Instant::now();
     let imds = aws::SdkImds::from_env();
     let backend =
@@ -242,6 +254,17 @@ async fn daemon() -> ExitCode {
         "ready to serve in {:?}",
         t0.elapsed()
     );
+    let schedule = match kube_plan {
+        kube::Plan::Off(why) => {
+            info!("the node's schedulability is not read: {why}");
+            None
+        }
+        kube::Plan::Watch { client, node: name } => {
+            // Before the pool starts: ENIs wait for the first answer.
+            node.set_schedule(ipamd_core::node::Schedule::Pending);
+            Some(tokio::spawn(kube::watch(node.clone(), client, name)))
+        }
+    };
     let pool = tokio::spawn(node.clone().run_pool());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -295,6 +318,9 @@ async fn daemon() -> ExitCode {
         let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
     }
     pool.abort();
+    if let Some(s) = schedule {
+        s.abort();
+    }
     let stats = ec2.stats();
     info!(calls = ?stats.calls, errors = ?stats.errors, throttled = stats.throttled, "EC2 calls this run");
     if let Err(e) = node.compact().await {

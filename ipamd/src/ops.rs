@@ -324,6 +324,14 @@ pub fn pool_json(node: &Node) -> Value {
             "state": state_json(&d.state),
         })).collect::<Vec<_>>(),
     });
+    let (schedule, since) = node.schedule();
+    out["node"] = json!({
+        "name": c.node_name,
+        "schedule": schedule.name(),
+        "scheduleForSeconds": since.elapsed().as_secs(),
+        "manageEnisNonSchedulable": c.manage_enis_non_schedulable,
+        "eniHold": node.eni_hold(),
+    });
     if let Some(l) = limits {
         let p = node.policy(l);
         let s = node.pool_state(l);
@@ -555,6 +563,12 @@ pub fn render_metrics(node: &Node, ec2: &CallStats) -> String {
         "counter",
         "ENIs this node created and found unattached, deleted by the sweep",
         m.leaked_enis_deleted.load(relaxed),
+    );
+    o.one(
+        "awscni_eni_management_held",
+        "gauge",
+        "1 while ENIs are neither attached nor freed because the node is cordoned (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false)",
+        node.eni_hold().is_some() as u8,
     );
     let free: BTreeMap<String, u64> = v
         .subnets
