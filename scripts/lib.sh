@@ -11,9 +11,10 @@ need_root() {
 }
 
 # Debian packages the tests and the demo use (containerd, runc, the reference CNI plugins
-# for `loopback`, busybox-static for the sandbox image: the lab's container runtime).
+# for `loopback`, busybox-static for the sandbox image: the lab's container runtime;
+# openssl for the test API server's service-account key).
 DEBIAN_PACKAGES=(iproute2 iptables iputils-ping procps python3 python3-venv ca-certificates curl
-    containerd runc containernetworking-plugins busybox-static)
+    openssl containerd runc containernetworking-plugins busybox-static)
 
 install_packages() {
     local missing=()

@@ -165,7 +165,12 @@ def test_rbac_is_least_privilege_and_follows_the_code(node):
         assert sa["automountServiceAccountToken"] is False
         assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     else:
-        assert role["rules"], "the code talks to the API: grant what it calls"
+        # ipamd watches its own node (ipamd/src/kube.rs): list + watch on nodes, no more.
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+        assert sa["automountServiceAccountToken"] is True
+        assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+        env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["MY_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
 def test_eniconfig_crd_matches_upstream():

@@ -1,0 +1,267 @@
+//! A real Kubernetes API server for the tests: kube-apiserver with the RBAC authorizer, on
+//! its own etcd, both built from the Go module proxy by `tests/k8s/build` (run by
+//! `scripts/test`). They listen on the loopback of the test's network namespace and are
+//! killed, their data removed, on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::{Value, json};
+
+const ADMIN_TOKEN: &str = "test-admin-token";
+pub const SERVER: &str = "https://127.0.0.1:6443";
+
+pub struct K8s {
+    pub dir: tempfile::TempDir,
+    procs: Vec<Child>,
+    pub admin: Client,
+}
+
+fn bin_dir() -> PathBuf {
+    std::env::var_os("VPC_CNI_K8S_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.build/k8s/bin"))
+}
+
+fn spawn(dir: &Path, name: &str, args: &[&str]) -> Child {
+    let bin = bin_dir().join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with tests/k8s/build (scripts/test does)",
+        bin.display()
+    );
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"))
+}
+
+impl K8s {
+    /// etcd and kube-apiserver on this namespace's loopback, ready, with an admin client.
+    pub async fn start() -> K8s {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = d.join("sa.key");
+        let ok = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(ok.success(), "openssl genrsa");
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin-uid,system:masters\n"),
+        )
+        .unwrap();
+        let etcd = spawn(
+            d,
+            "etcd",
+            &[
+                "--data-dir",
+                "etcd",
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "default=http://127.0.0.1:2380",
+                "--log-level",
+                "error",
+            ],
+        );
+        let apiserver = spawn(
+            d,
+            "kube-apiserver",
+            &[
+                "--etcd-servers",
+                "http://127.0.0.1:2379",
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                "6443",
+                "--cert-dir",
+                "certs",
+                "--service-cluster-ip-range",
+                "10.96.0.0/16",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--service-account-key-file",
+                "sa.key",
+                "--service-account-signing-key-file",
+                "sa.key",
+                "--token-auth-file",
+                "tokens.csv",
+                "--authorization-mode",
+                "RBAC",
+            ],
+        );
+        let procs = vec![apiserver, etcd];
+        let ca = d.join("certs/apiserver.crt");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ca.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver wrote no certificate"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let admin = client(&write_kubeconfig(d, "admin", ADMIN_TOKEN)).await;
+        let me = K8s { dir, procs, admin };
+        // Ready once its bootstrap has made kube-system (and the RBAC defaults).
+        let ns: Api<Namespace> = Api::all(me.admin.clone());
+        loop {
+            if ns.get("kube-system").await.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready in 60 s:\n{}",
+                me.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        me
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kube-apiserver.log")).unwrap_or_default()
+    }
+
+    /// A kubeconfig for this server with a bearer token.
+    pub fn kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        write_kubeconfig(self.dir.path(), name, token)
+    }
+
+    /// The Node object, as kubelet registers it.
+    pub async fn register_node(&self, name: &str, unschedulable: bool) {
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"unschedulable": unschedulable},
+        }))
+        .unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+    }
+
+    /// Merge-patches the node's spec (what `kubectl cordon`/`uncordon` and the node
+    /// controller's taints write).
+    pub async fn patch_node_spec(&self, name: &str, spec: Value) {
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        nodes
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Creates the ServiceAccount, ClusterRole and ClusterRoleBinding of a manifest
+    /// file as they are written there; returns the account's (namespace, name).
+    pub async fn apply_rbac(&self, manifest: &Path) -> (String, String) {
+        let text = std::fs::read_to_string(manifest).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let pp = PostParams::default();
+        let mut account = None;
+        for doc in docs {
+            match doc["kind"].as_str().unwrap_or_default() {
+                "ServiceAccount" => {
+                    let sa: ServiceAccount = serde_json::from_value(doc).unwrap();
+                    let ns = sa.metadata.namespace.clone().unwrap();
+                    let name = sa.metadata.name.clone().unwrap();
+                    Api::<ServiceAccount>::namespaced(self.admin.clone(), &ns)
+                        .create(&pp, &sa)
+                        .await
+                        .unwrap();
+                    account = Some((ns, name));
+                }
+                "ClusterRole" => {
+                    let r: ClusterRole = serde_json::from_value(doc).unwrap();
+                    Api::<ClusterRole>::all(self.admin.clone())
+                        .create(&pp, &r)
+                        .await
+                        .unwrap();
+                }
+                "ClusterRoleBinding" => {
+                    let b: ClusterRoleBinding = serde_json::from_value(doc).unwrap();
+                    Api::<ClusterRoleBinding>::all(self.admin.clone())
+                        .create(&pp, &b)
+                        .await
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+        account.expect("a ServiceAccount in the manifest")
+    }
+
+    /// A token of the service account (TokenRequest, as the kubelet mounts one).
+    pub async fn token(&self, namespace: &str, account: &str) -> String {
+        let api: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), namespace);
+        let req = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec!["https://kubernetes.default.svc".into()],
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let out = api
+            .create_token_request(account, &PostParams::default(), &req)
+            .await
+            .unwrap();
+        out.status.unwrap().token
+    }
+}
+
+fn write_kubeconfig(dir: &Path, name: &str, token: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.kubeconfig"));
+    let ca = dir.join("certs/apiserver.crt");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {SERVER}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: test\n    user: {name}\ncurrent-context: {name}\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn client(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(cfg).unwrap()
+}
+
+impl Drop for K8s {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
