@@ -93,7 +93,7 @@ fn schedule_of(n: &KubeNode) -> Schedule {
 
 /// Follows the node until the task is dropped; reconnects with backoff.
 pub async fn watch(node: Arc<Node>, client: Client, name: String) {
-    node.set_schedule(Schedule::Pending);
+    // The caller has set Schedule::Pending before the pool started.
     info!("watching node {name} for cordons");
     let api: Api<KubeNode> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -173,15 +173,6 @@ mod tests {
         assert!(!is_cordoned(&node(None, &[("dedicated", "NoSchedule")])));
     }
 
-    fn cfg(vars: &[(&str, &str)]) -> Config {
-        let vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        ipamd_core::config::from_env(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
-            .unwrap()
-    }
-
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
             vars.iter()
@@ -190,29 +181,26 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_api_is_used_only_when_configured_and_needed() {
+    fn cfg(vars: &[(&str, &str)]) -> Config {
+        ipamd_core::config::from_env(env(vars)).unwrap()
+    }
+
+    #[test]
+    fn the_api_is_used_only_when_configured_and_needed() {
         let none: &[(&str, &str)] = &[];
-        assert!(matches!(
-            plan(&cfg(none), env(none)).await,
-            Ok(Plan::Off(_))
-        ));
+        assert!(matches!(check(&cfg(none), env(none)), Ok(Some(_))));
         let manage = cfg(&[("AWS_MANAGE_ENIS_NON_SCHEDULABLE", "true")]);
         let in_pod = [("KUBERNETES_SERVICE_HOST", "10.0.0.1")];
-        assert!(matches!(
-            plan(&manage, env(&in_pod)).await,
-            Ok(Plan::Off("AWS_MANAGE_ENIS_NON_SCHEDULABLE=true"))
-        ));
+        assert_eq!(
+            check(&manage, env(&in_pod)),
+            Ok(Some("AWS_MANAGE_ENIS_NON_SCHEDULABLE=true"))
+        );
         // In a pod without MY_NODE_NAME: start-up stops, naming it.
-        let err = plan(&cfg(none), env(&in_pod)).await.err().unwrap();
+        let err = check(&cfg(none), env(&in_pod)).err().unwrap();
         assert!(err.starts_with("MY_NODE_NAME="), "{err}");
-        // A kubeconfig that does not exist: named.
+        // Named, in a pod or with a kubeconfig: watched.
         let named = cfg(&[("MY_NODE_NAME", "n1")]);
-        let missing = [("KUBECONFIG", "/nonexistent/kubeconfig")];
-        // SAFETY: this test alone in this binary reads or writes KUBECONFIG.
-        unsafe { std::env::set_var("KUBECONFIG", "/nonexistent/kubeconfig") };
-        let err = plan(&named, env(&missing)).await.err().unwrap();
-        unsafe { std::env::remove_var("KUBECONFIG") };
-        assert!(err.contains("Kubernetes API configuration"), "{err}");
+        assert_eq!(check(&named, env(&in_pod)), Ok(None));
+        assert_eq!(check(&named, env(&[("KUBECONFIG", "/k")])), Ok(None));
     }
 }

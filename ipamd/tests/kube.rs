@@ -167,21 +167,39 @@ async fn an_unreachable_api_does_not_stop_the_pool_for_long_() {
 }
 
 #[test]
-fn an_api_without_a_node_name_stops_start_up_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipamd"))
-        .env_clear()
-        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-        .env("KUBERNETES_SERVICE_PORT", "443")
-        .env(
-            "AWS_VPC_K8S_CNI_BACKING_STORE",
-            dir.path().join("ipam.json"),
-        )
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MY_NODE_NAME"), "{err}");
-    // Nothing was touched before the refusal.
-    assert!(!dir.path().join("ipam.json").exists());
+fn a_broken_api_configuration_stops_start_up_naming_it() {
+    for (env, named) in [
+        // In a pod, without the node's name.
+        (
+            vec![
+                ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+                ("KUBERNETES_SERVICE_PORT", "443"),
+            ],
+            "MY_NODE_NAME",
+        ),
+        // A kubeconfig that is not there.
+        (
+            vec![
+                ("KUBECONFIG", "/nonexistent/kubeconfig"),
+                ("MY_NODE_NAME", NODE),
+            ],
+            "Kubernetes API configuration",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipamd"))
+            .env_clear()
+            .envs(env)
+            .env(
+                "AWS_VPC_K8S_CNI_BACKING_STORE",
+                dir.path().join("ipam.json"),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{err}");
+        // Nothing was touched before the refusal.
+        assert!(!dir.path().join("ipam.json").exists());
+    }
 }
