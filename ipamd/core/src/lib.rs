@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod checkpoint;
+pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod datastore;

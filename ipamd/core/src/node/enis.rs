@@ -1,0 +1,269 @@
+//! ENIs coming and going: create, attach (with DeleteOnTermination) and make ready on the
+//! host; free (host side undone, detach, wait, delete); the subnet a new ENI goes in.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::{Node, rfc3339, store_eni};
+use crate::cloud::{CloudError, NewEni, SubnetInfo};
+use crate::pool::{Decision, Limits, Mode, PoolState};
+
+pub const TAG_INSTANCE_ID: &str = "node.k8s.amazonaws.com/instance_id";
+pub const TAG_CREATED_AT: &str = "node.k8s.amazonaws.com/createdAt";
+pub const TAG_CLUSTER: &str = "cluster.k8s.amazonaws.com/name";
+
+/// The tagged subnet in `az` with the most free addresses; the primary's subnet if it
+/// is among them with more, or if none is tagged.
+pub fn pick_subnet(tagged: &[SubnetInfo], az: &str, primary: SubnetInfo) -> SubnetInfo {
+    tagged
+        .iter()
+        .filter(|s| s.availability_zone == az && s.available_addresses > 0)
+        .max_by_key(|s| (s.available_addresses, s.id == primary.id))
+        .cloned()
+        .unwrap_or(primary)
+}
+
+impl Node {
+    pub(super) async fn free_eni(&self, state: PoolState, decision: &Decision) -> bool {
+        let eni = {
+            let mut s = self.store.lock().unwrap();
+            match s.freeable_eni(self.timing.eni_min_age, Instant::now()) {
+                Some(id) => s.remove_eni(&id).ok(),
+                None => None,
+            }
+        };
+        let Some(eni) = eni else {
+            self.record_decision(state, decision, "no ENI old enough and empty");
+            return false;
+        };
+        if let Err(e) = self.host.teardown_eni(&self.eni_net(&eni)).await {
+            warn!("undoing the host side of {}: {e}", eni.id);
+        }
+        match self
+            .detach_and_delete(&eni.id, eni.attachment_id.clone())
+            .await
+        {
+            Ok(()) => {
+                info!("freed {} (device {})", eni.id, eni.device_number);
+                self.record_decision(state, decision, format!("freed {}", eni.id));
+                true
+            }
+            Err(e) => {
+                self.metrics.error("decreaseIPPoolFreeENIFailed");
+                warn!("freeing {} failed, keeping it: {e}", eni.id);
+                let mut s = self.store.lock().unwrap();
+                s.add_eni(eni);
+                false
+            }
+        }
+    }
+
+    /// Detach, wait until EC2 lets go, delete. A failure after the detach leaves an
+    /// unattached tagged ENI that the leaked-ENI sweep removes.
+    async fn detach_and_delete(
+        &self,
+        eni_id: &str,
+        known: Option<String>,
+    ) -> Result<(), CloudError> {
+        // The attachment id is cached from our attach or the last reconcile; describe only
+        // when it is not known.
+        let attachment = match known {
+            Some(a) => Some(a),
+            None => self
+                .ec2
+                .instance_enis(&self.meta.instance_id)
+                .await?
+                .into_iter()
+                .find(|e| e.id == eni_id)
+                .and_then(|e| e.attachment_id),
+        };
+        if let Some(att) = attachment {
+            self.ec2.detach_eni(&att).await?;
+        }
+        let deadline = Instant::now() + self.timing.detach_timeout;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.ec2.delete_eni(eni_id).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.code == "InvalidNetworkInterface.InUse" && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) if e.code == "InvalidNetworkInterfaceID.NotFound" => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub(super) async fn attach_new_eni(
+        &self,
+        limits: Limits,
+        short: u32,
+    ) -> Result<String, CloudError> {
+        let per = limits.slots_per_eni();
+        let (used, prefix_mode, fallback) = {
+            let s = self.store.lock().unwrap();
+            let used: BTreeSet<u32> = s.enis().map(|e| e.device_number).collect();
+            let policy = self.policy(limits);
+            (
+                used,
+                matches!(policy.mode, Mode::Prefix { .. }),
+                self.pool.lock().unwrap().prefix_fallback,
+            )
+        };
+        let device = (1..limits.max_enis.max(2) + 16)
+            .find(|d| !used.contains(d))
+            .unwrap_or(1);
+        let (secondary, prefixes) = if prefix_mode && !fallback {
+            (0, short.div_ceil(16).clamp(1, per))
+        } else if matches!(self.policy(limits).mode, Mode::Eni { .. }) {
+            (per, 0)
+        } else {
+            (short.clamp(1, per), 0)
+        };
+        let mut tags = vec![
+            (TAG_INSTANCE_ID.to_string(), self.meta.instance_id.clone()),
+            (TAG_CREATED_AT.to_string(), rfc3339(SystemTime::now())),
+        ];
+        if !self.cfg.cluster_name.is_empty() {
+            tags.push((TAG_CLUSTER.to_string(), self.cfg.cluster_name.clone()));
+        }
+        tags.extend(
+            self.cfg
+                .additional_eni_tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let subnet = self.subnet_for_new_eni().await;
+        let created = self
+            .ec2
+            .create_eni(&NewEni {
+                subnet_id: subnet.id.clone(),
+                security_groups: self.primary_sgs.clone(),
+                description: format!("aws-K8S-{}", self.meta.instance_id),
+                tags,
+                secondary_ips: secondary,
+                prefixes,
+            })
+            .await?;
+        let attachment = match self
+            .ec2
+            .attach_eni(&created.id, &self.meta.instance_id, device)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                // Never leave a created ENI behind.
+                if let Err(d) = self.ec2.delete_eni(&created.id).await {
+                    warn!(
+                        "could not delete {} after a failed attach (the sweep will): {d}",
+                        created.id
+                    );
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self
+            .ec2
+            .set_delete_on_termination(&created.id, &attachment)
+            .await
+        {
+            warn!("DeleteOnTermination on {} failed: {e}", created.id);
+        }
+        let mut info = created;
+        info.device_number = device;
+        info.subnet_cidr = subnet.cidr;
+        info.attachment_id = Some(attachment);
+        let id = info.id.clone();
+        // Its addresses are handed out only once the host can route them.
+        let eni = store_eni(&info, false);
+        if let Err(e) = self
+            .host
+            .setup_eni(&self.eni_net(&eni), self.timing.eni_link_wait)
+            .await
+        {
+            return Err(CloudError::new(
+                "HostNetwork",
+                "EniSetup",
+                format!("{id} is attached but its host side is not ready (reconcile retries): {e}"),
+            ));
+        }
+        self.store.lock().unwrap().add_eni(eni);
+        info!(
+            "attached {id} at device {device} with {} IPs, {} prefixes",
+            info.secondary_ips.len(),
+            info.prefixes.len()
+        );
+        Ok(id)
+    }
+
+    /// Subnet discovery: the subnet tagged kubernetes.io/role/cni in this VPC and AZ with
+    /// the most free addresses (the primary ENI's subnet competes too); without the knob,
+    /// or when EC2 cannot say, the primary ENI's subnet.
+    async fn subnet_for_new_eni(&self) -> SubnetInfo {
+        let primary = SubnetInfo {
+            id: self.primary_subnet.clone(),
+            cidr: self.primary_subnet_cidr,
+            availability_zone: self.meta.availability_zone.clone(),
+            available_addresses: 0,
+        };
+        if !self.cfg.enable_subnet_discovery || self.vpc_id.is_empty() {
+            return primary;
+        }
+        match self.ec2.cni_subnets(&self.vpc_id).await {
+            Ok(subnets) => pick_subnet(&subnets, &self.meta.availability_zone, primary),
+            Err(e) => {
+                warn!("subnet discovery failed, using the primary ENI's subnet: {e}");
+                primary
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::parse_cidr;
+
+    #[test]
+    fn subnet_discovery_picks_the_most_free_tagged_subnet_in_the_az() {
+        let sub = |id: &str, az: &str, free: u32| SubnetInfo {
+            id: id.into(),
+            cidr: parse_cidr("10.0.0.0/24").unwrap(),
+            availability_zone: az.into(),
+            available_addresses: free,
+        };
+        let primary = sub("subnet-p", "us-west-2a", 0);
+        let tagged = [
+            sub("subnet-a", "us-west-2a", 100),
+            sub("subnet-b", "us-west-2a", 4000),
+            sub("subnet-c", "us-west-2b", 9000),
+        ];
+        assert_eq!(
+            pick_subnet(&tagged, "us-west-2a", primary.clone()).id,
+            "subnet-b"
+        );
+        assert_eq!(
+            pick_subnet(&[], "us-west-2a", primary.clone()).id,
+            "subnet-p"
+        );
+        assert_eq!(
+            pick_subnet(
+                &[sub("subnet-c", "us-west-2b", 9000)],
+                "us-west-2a",
+                primary.clone()
+            )
+            .id,
+            "subnet-p"
+        );
+        assert_eq!(
+            pick_subnet(&[sub("subnet-a", "us-west-2a", 0)], "us-west-2a", primary).id,
+            "subnet-p",
+            "a full subnet is no choice"
+        );
+    }
+}

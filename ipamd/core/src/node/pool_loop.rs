@@ -1,0 +1,423 @@
+//! The pool loop: asks the warm-pool policy (`pool::Policy`, a pure function) what to do
+//! next and carries it out one step at a time: assign addresses to an ENI, release them,
+//! or hand attaching and freeing ENIs to `enis`. Every decision is recorded with its outcome.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{debug, info, warn};
+
+use super::Node;
+use crate::clock::now_ns;
+use crate::datastore::{Datastore, Eni};
+use crate::pool::{Decision, Limits, Mode, Policy, PoolState};
+
+/// A decision of the pool loop and why, for introspection and logs.
+#[derive(Debug, Clone)]
+pub struct DecisionRecord {
+    pub at: SystemTime,
+    pub state: PoolState,
+    pub decision: Decision,
+    pub outcome: String,
+}
+
+/// What the pool loop remembers between passes.
+#[derive(Debug, Default)]
+pub(super) struct LoopState {
+    pub(super) last_shrink: Option<Instant>,
+    pub(super) subnet_full_until: Option<Instant>,
+    pub(super) prefix_fallback: bool,
+    pub(super) decisions: Vec<DecisionRecord>,
+}
+
+impl Node {
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.pool.lock().unwrap().decisions.clone()
+    }
+
+    pub fn policy(&self, limits: Limits) -> Policy {
+        let c = &self.cfg;
+        let mode = if c.enable_prefix_delegation {
+            Mode::Prefix {
+                warm_prefix: c.warm_prefix_target,
+                warm_ip: c.warm_ip_target.unwrap_or(0),
+                min_ip: c.minimum_ip_target.unwrap_or(0),
+            }
+        } else if c.ip_target_mode() {
+            Mode::IpTarget {
+                warm_ip: c.warm_ip_target.unwrap_or(0),
+                min_ip: c.minimum_ip_target.unwrap_or(0),
+            }
+        } else {
+            Mode::Eni {
+                warm_eni: c.warm_eni_target,
+            }
+        };
+        Policy {
+            mode,
+            limits,
+            max_enis: c.max_eni.unwrap_or(limits.max_enis).min(limits.max_enis),
+        }
+    }
+
+    pub fn pool_state(&self, limits: Limits) -> PoolState {
+        let mut s = self.store.lock().unwrap();
+        Self::pool_state_of(&mut s, limits)
+    }
+
+    fn pool_state_of(s: &mut Datastore, limits: Limits) -> PoolState {
+        let (total, assigned, cooldown, _) = s.counts(now_ns());
+        let per = limits.slots_per_eni();
+        let (mut enis, mut free_slots, mut prefixes) = (0, 0, 0);
+        for e in s.enis() {
+            enis += 1;
+            free_slots += per.saturating_sub(e.slots_used());
+            prefixes += e.prefixes.len() as u32;
+        }
+        PoolState {
+            enis,
+            total,
+            assigned,
+            cooldown,
+            free_slots,
+            prefixes,
+        }
+    }
+
+    /// Does the pool loop have something to do after this change? (Waking it on every
+    /// call would put its work on the path of every AddNetwork.)
+    pub(super) fn pool_has_work(&self, s: &mut Datastore) -> bool {
+        match self.limits() {
+            Some(l) => self.policy(l).decide(&Self::pool_state_of(s, l)) != Decision::Steady,
+            None => true,
+        }
+    }
+
+    /// The pool loop. Runs until the task is dropped.
+    pub async fn run_pool(self: Arc<Self>) {
+        self.converge_host().await;
+        loop {
+            if self.limits().is_none() {
+                match self
+                    .ec2
+                    .instance_type_limits(&self.meta.instance_type)
+                    .await
+                {
+                    Ok(l) => {
+                        info!(
+                            ?l,
+                            max_pods = l.max_pods(),
+                            "limits of {}",
+                            self.meta.instance_type
+                        );
+                        *self.limits.write().unwrap() = Some(l);
+                        self.reconcile().await;
+                    }
+                    Err(e) => {
+                        warn!("DescribeInstanceTypes failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let progressed = self.step().await;
+            if !progressed {
+                self.housekeeping().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(self.timing.pool_interval) => {}
+                    _ = self.wake_pool.notified() => {}
+                }
+            }
+        }
+    }
+
+    pub(super) fn record_decision(
+        &self,
+        state: PoolState,
+        decision: &Decision,
+        outcome: impl Into<String>,
+    ) {
+        let outcome = outcome.into();
+        debug!(?state, ?decision, %outcome, "pool");
+        let mut rt = self.pool.lock().unwrap();
+        // The same decision held back for the same reason, pass after pass: one record.
+        if let Some(last) = rt.decisions.last_mut()
+            && last.decision == *decision
+            && last.outcome == outcome
+            && last.state == state
+        {
+            last.at = SystemTime::now();
+            return;
+        }
+        rt.decisions.push(DecisionRecord {
+            at: SystemTime::now(),
+            state,
+            decision: decision.clone(),
+            outcome,
+        });
+        let n = rt.decisions.len();
+        if n > 50 {
+            rt.decisions.drain(..n - 50);
+        }
+    }
+
+    /// One decision and its action. Returns whether anything changed.
+    pub async fn step(self: &Arc<Self>) -> bool {
+        let Some(limits) = self.limits() else {
+            return false;
+        };
+        if self.cfg.disable_network_resource_provisioning {
+            return false;
+        }
+        let policy = self.policy(limits);
+        let state = self.pool_state(limits);
+        let mut decision = policy.decide(&state);
+        let prefix_mode = matches!(policy.mode, Mode::Prefix { .. });
+        let hold = self.eni_hold();
+        if let Some(why) = hold {
+            match decision {
+                Decision::AttachEni | Decision::FreeEni => {
+                    self.record_decision(state, &decision, format!("held: {why}"));
+                    return false;
+                }
+                // Only what pods are waiting for: a DaemonSet pod tolerating the cordon
+                // is not stranded while the ENIs attached have room.
+                Decision::Assign { count } => {
+                    // Less the free addresses the waiting pods have not taken yet.
+                    let free = state.available().saturating_sub(state.cooldown);
+                    let short = self.waiting.load(Ordering::SeqCst).saturating_sub(free);
+                    let want = if prefix_mode {
+                        short.div_ceil(16)
+                    } else {
+                        short
+                    };
+                    if want == 0 {
+                        self.record_decision(state, &decision, format!("held: {why}"));
+                        return false;
+                    }
+                    decision = Decision::Assign {
+                        count: count.min(want),
+                    };
+                }
+                _ => {}
+            }
+        }
+        match decision {
+            Decision::Steady if hold.is_some() => false,
+            Decision::Steady if !matches!(policy.mode, Mode::Eni { .. }) => {
+                // IP-target and prefix modes release addresses one by one; an ENI left
+                // holding none is not needed for the targets and goes too.
+                let empty = {
+                    let s = self.store.lock().unwrap();
+                    s.enis()
+                        .filter(|e| !e.is_primary && e.slots_used() == 0)
+                        .any(|e| e.first_seen.elapsed() >= self.timing.eni_min_age)
+                };
+                if empty && self.shrink_allowed() {
+                    self.free_eni(state, &Decision::FreeEni).await
+                } else {
+                    false
+                }
+            }
+            Decision::Steady | Decision::AtCapacity => false,
+            Decision::Assign { count } => {
+                if let Some(until) = self.pool.lock().unwrap().subnet_full_until
+                    && Instant::now() < until
+                {
+                    return false;
+                }
+                let fallback = self.pool.lock().unwrap().prefix_fallback;
+                let per = limits.slots_per_eni();
+                // Fill an existing ENI (lowest device number first) before attaching one.
+                let target = {
+                    let s = self.store.lock().unwrap();
+                    let mut enis: Vec<&Eni> = s.enis().filter(|e| e.slots_used() < per).collect();
+                    enis.sort_by_key(|e| e.device_number);
+                    enis.first().map(|e| (e.id.clone(), per - e.slots_used()))
+                };
+                let Some((eni, room)) = target else {
+                    return false;
+                };
+                let result = if prefix_mode && !fallback {
+                    self.ec2
+                        .assign_prefixes(&eni, count.min(room))
+                        .await
+                        .map(|p| (vec![], p))
+                } else {
+                    let n = if prefix_mode {
+                        (count * 16).min(room)
+                    } else {
+                        count.min(room)
+                    };
+                    self.ec2.assign_ips(&eni, n).await.map(|ips| (ips, vec![]))
+                };
+                match result {
+                    Ok((ips, prefixes)) => {
+                        {
+                            let mut s = self.store.lock().unwrap();
+                            if let Err(e) = s.add_ips(&eni, &ips) {
+                                warn!("adding {ips:?} to {eni}: {e}");
+                            }
+                            for p in &prefixes {
+                                if let Err(e) = s.add_prefix(&eni, *p) {
+                                    warn!("adding {p} to {eni}: {e}");
+                                }
+                            }
+                        }
+                        self.addresses_added.notify_waiters();
+                        self.record_decision(
+                            state,
+                            &decision,
+                            format!("{eni}: +{} IPs, +{} prefixes", ips.len(), prefixes.len()),
+                        );
+                        true
+                    }
+                    Err(e) if e.code == "InsufficientCidrBlocks" && prefix_mode => {
+                        warn!("no free /28 in the subnet: falling back to single IPs ({e})");
+                        self.pool.lock().unwrap().prefix_fallback = true;
+                        self.record_decision(state, &decision, format!("fallback to /32: {e}"));
+                        true
+                    }
+                    Err(e) if e.is_subnet_full() => {
+                        self.metrics.error("increaseIPPoolSubnetFull");
+                        warn!(
+                            "subnet is out of addresses, backing off {:?}: {e}",
+                            self.timing.subnet_full_backoff
+                        );
+                        self.pool.lock().unwrap().subnet_full_until =
+                            Some(Instant::now() + self.timing.subnet_full_backoff);
+                        self.record_decision(state, &decision, e.to_string());
+                        false
+                    }
+                    Err(e) if e.code == "PrivateIpAddressLimitExceeded" => {
+                        // Our view of the ENI was stale: learn the truth from EC2.
+                        warn!("{e}; reconciling");
+                        self.reconcile().await;
+                        true
+                    }
+                    Err(e) => {
+                        self.metrics.error("increaseIPPoolAllocIPAddressesFailed");
+                        warn!("assigning addresses to {eni} failed: {e}");
+                        self.record_decision(state, &decision, e.to_string());
+                        false
+                    }
+                }
+            }
+            Decision::AttachEni => {
+                if let Some(until) = self.pool.lock().unwrap().subnet_full_until
+                    && Instant::now() < until
+                {
+                    return false;
+                }
+                if self.attaching.swap(true, Ordering::SeqCst) {
+                    return false;
+                }
+                let me = self.clone();
+                let short = policy.shortfall(&state);
+                tokio::spawn(async move {
+                    let r = me.attach_new_eni(limits, short).await;
+                    me.attaching.store(false, Ordering::SeqCst);
+                    match r {
+                        Ok(id) => {
+                            me.record_decision(
+                                state,
+                                &Decision::AttachEni,
+                                format!("attached {id}"),
+                            );
+                            me.addresses_added.notify_waiters();
+                            me.wake_pool.notify_one();
+                        }
+                        Err(e) => {
+                            if e.is_subnet_full() {
+                                me.pool.lock().unwrap().subnet_full_until =
+                                    Some(Instant::now() + me.timing.subnet_full_backoff);
+                            }
+                            me.metrics.error("increaseIPPoolAllocENI");
+                            warn!("attaching an ENI failed: {e}");
+                            me.record_decision(state, &Decision::AttachEni, e.to_string());
+                        }
+                    }
+                });
+                false
+            }
+            Decision::Release { count } => {
+                if !self.shrink_allowed() {
+                    return false;
+                }
+                self.release(count, prefix_mode, state, &decision).await
+            }
+            Decision::FreeEni => {
+                if !self.shrink_allowed() {
+                    return false;
+                }
+                self.free_eni(state, &decision).await
+            }
+        }
+    }
+
+    pub(super) fn shrink_allowed(&self) -> bool {
+        let mut rt = self.pool.lock().unwrap();
+        let ok = rt
+            .last_shrink
+            .is_none_or(|t| t.elapsed() >= self.timing.shrink_interval);
+        if ok {
+            rt.last_shrink = Some(Instant::now());
+        }
+        ok
+    }
+
+    async fn release(
+        &self,
+        count: u32,
+        prefix_mode: bool,
+        state: PoolState,
+        decision: &Decision,
+    ) -> bool {
+        if prefix_mode {
+            let picked = {
+                let mut s = self.store.lock().unwrap();
+                let p = s.releasable_prefixes(count);
+                p.into_iter()
+                    .filter(|(e, n)| s.remove_prefix(e, *n).is_ok())
+                    .collect::<Vec<_>>()
+            };
+            for (eni, p) in &picked {
+                if let Err(e) = self.ec2.unassign_prefixes(eni, &[*p]).await {
+                    self.metrics.error("decreaseIPPoolUnassignPrefixesFailed");
+                    warn!("unassigning {p} from {eni} failed, keeping it: {e}");
+                    let _ = self.store.lock().unwrap().add_prefix(eni, *p);
+                }
+            }
+            self.record_decision(
+                state,
+                decision,
+                format!("released {} prefixes", picked.len()),
+            );
+            return !picked.is_empty();
+        }
+        let picked = {
+            let mut s = self.store.lock().unwrap();
+            let ips = s.releasable_ips(count);
+            ips.into_iter()
+                .filter(|(e, ip)| s.remove_ips(e, &[*ip]).is_ok())
+                .collect::<Vec<_>>()
+        };
+        // One call per ENI for all its addresses.
+        let mut by_eni: std::collections::BTreeMap<String, Vec<Ipv4Addr>> = Default::default();
+        for (e, ip) in &picked {
+            by_eni.entry(e.clone()).or_default().push(*ip);
+        }
+        for (eni, ips) in &by_eni {
+            if let Err(e) = self.ec2.unassign_ips(eni, ips).await {
+                self.metrics
+                    .error("decreaseIPPoolUnassignIPAddressesFailed");
+                warn!("unassigning {ips:?} from {eni} failed, keeping them: {e}");
+                let _ = self.store.lock().unwrap().add_ips(eni, ips);
+            }
+        }
+        self.record_decision(state, decision, format!("released {} IPs", picked.len()));
+        !picked.is_empty()
+    }
+}

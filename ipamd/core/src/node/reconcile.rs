@@ -1,0 +1,399 @@
+//! How ipamd, EC2 and the host come to agree: the periodic reconcile (ENIs and
+//! addresses EC2 has that ipamd lacks, and forced removal of what EC2 no longer has),
+//! reclaiming assignments whose pod left no interface, and the leaked-ENI sweep.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use super::{Node, TAG_CREATED_AT, TAG_INSTANCE_ID, now_ns, store_eni};
+use crate::clock::parse_rfc3339;
+use crate::cloud::EniInfo;
+use crate::net::Ipv4Net;
+
+/// What reconcile remembers between passes.
+#[derive(Debug, Default)]
+pub(super) struct ReconcileState {
+    pub(super) last_reconcile: Option<Instant>,
+    pub(super) last_sweep: Option<Instant>,
+    /// What the datastore held that EC2's last describe did not show: removed only when
+    /// two describes in a row agree (describes can lag behind a change).
+    missing: BTreeSet<Lost>,
+}
+
+/// Something the datastore holds that EC2 stopped showing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Lost {
+    Eni(String),
+    Ip(String, Ipv4Addr),
+    Prefix(String, Ipv4Net),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Eni(id) => write!(f, "{id} is no longer attached"),
+            Lost::Ip(id, ip) => write!(f, "{ip} is no longer on {id}"),
+            Lost::Prefix(id, p) => write!(f, "{p} is no longer on {id}"),
+        }
+    }
+}
+
+impl Node {
+    /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses.
+    pub async fn reconcile(&self) {
+        let t0 = Instant::now();
+        // What we held before asking EC2: only that can have been removed behind our back
+        // (addresses we add while the describe runs are not in it).
+        let before: Vec<(String, bool, Vec<Ipv4Addr>, Vec<Ipv4Net>)> = {
+            let s = self.store.lock().unwrap();
+            s.enis()
+                .map(|e| {
+                    (
+                        e.id.clone(),
+                        e.is_primary,
+                        e.ips.iter().copied().collect(),
+                        e.prefixes.iter().copied().collect(),
+                    )
+                })
+                .collect()
+        };
+        let enis = match self.ec2.instance_enis(&self.meta.instance_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.error("nodeIPPoolReconcileDescribeFailed");
+                warn!("reconcile: {e}");
+                return;
+            }
+        };
+        let t_describe = t0.elapsed();
+        // IMDS knows what EC2's describe lacks: subnet CIDRs, and the VPC's CIDRs.
+        let imds_enis = self.imds.enis().await.unwrap_or_default();
+        let t_imds = t0.elapsed();
+        if let Some(p) = imds_enis.iter().find(|e| e.mac == self.meta.primary_mac)
+            && !p.vpc_cidrs.is_empty()
+            && self.vpc_cidrs() != p.vpc_cidrs
+        {
+            info!(
+                "VPC CIDRs are now {:?}: refreshing the SNAT rules",
+                p.vpc_cidrs
+            );
+            *self.vpc_cidrs.write().unwrap() = p.vpc_cidrs.clone();
+        }
+        let unknown: Vec<EniInfo> = {
+            let s = self.store.lock().unwrap();
+            enis.iter()
+                .filter(|e| s.eni(&e.id).is_none())
+                .cloned()
+                .collect()
+        };
+        // An ENI enters the datastore only once the host can route its addresses.
+        let mut ready = Vec::new();
+        for mut e in unknown {
+            if let Some(i) = imds_enis.iter().find(|i| i.mac == e.mac) {
+                e.subnet_cidr = i.subnet_cidr;
+            } else if e.subnet_id == self.primary_subnet {
+                e.subnet_cidr = self.primary_subnet_cidr;
+            }
+            let eni = store_eni(&e, e.device_number == 0);
+            if !eni.is_primary {
+                if e.subnet_cidr.len == 0 {
+                    debug!("reconcile: subnet of {} not known yet", e.id);
+                    continue;
+                }
+                if let Err(err) = self
+                    .host
+                    .setup_eni(&self.eni_net(&eni), Duration::ZERO)
+                    .await
+                {
+                    debug!("reconcile: {} not ready on the host yet: {err}", e.id);
+                    continue;
+                }
+            }
+            ready.push(eni);
+        }
+        {
+            let mut s = self.store.lock().unwrap();
+            for eni in ready {
+                s.add_eni(eni);
+            }
+            for e in &enis {
+                if s.eni(&e.id).is_some() {
+                    s.set_attachment(&e.id, e.attachment_id.clone());
+                    let _ = s.add_ips(&e.id, &e.secondary_ips);
+                    for p in &e.prefixes {
+                        let _ = s.add_prefix(&e.id, *p);
+                    }
+                }
+            }
+        }
+        self.force_remove(&before, &enis).await;
+        self.reconciler.lock().unwrap().last_reconcile = Some(Instant::now());
+        self.metrics.reconciled("nodeIPPoolReconcile");
+        self.addresses_added.notify_waiters();
+        let t_store = t0.elapsed();
+        self.converge_host().await;
+        self.reclaim_stale().await;
+        debug!(
+            "reconcile: describe {t_describe:?}, IMDS {:?}, store {:?}, host {:?}",
+            t_imds - t_describe,
+            t_store - t_imds,
+            t0.elapsed() - t_store
+        );
+    }
+
+    /// Drops what EC2 no longer has (an address unassigned or an ENI detached by someone
+    /// else): what the datastore held before the describe and two describes in a row did
+    /// not show. Never an address a pod holds: that is logged, and kept.
+    async fn force_remove(
+        &self,
+        before: &[(String, bool, Vec<Ipv4Addr>, Vec<Ipv4Net>)],
+        enis: &[EniInfo],
+    ) {
+        let mut absent = BTreeSet::new();
+        for (id, primary, ips, prefixes) in before {
+            match enis.iter().find(|e| &e.id == id) {
+                Some(e) => {
+                    absent.extend(
+                        ips.iter()
+                            .filter(|ip| !e.secondary_ips.contains(ip))
+                            .map(|ip| Lost::Ip(id.clone(), *ip)),
+                    );
+                    absent.extend(
+                        prefixes
+                            .iter()
+                            .filter(|p| !e.prefixes.contains(p))
+                            .map(|p| Lost::Prefix(id.clone(), *p)),
+                    );
+                }
+                None if !primary => {
+                    absent.insert(Lost::Eni(id.clone()));
+                }
+                None => {}
+            }
+        }
+        let confirmed: Vec<Lost> = {
+            let mut rt = self.reconciler.lock().unwrap();
+            let c = absent.intersection(&rt.missing).cloned().collect();
+            rt.missing = absent;
+            c
+        };
+        let mut gone = Vec::new();
+        {
+            let mut s = self.store.lock().unwrap();
+            for lost in &confirmed {
+                // Still as we saw it? (Our own pool loop may have changed it since.)
+                let result = match lost {
+                    Lost::Eni(id) if s.eni(id).is_some() => s.remove_eni(id).map(|e| {
+                        gone.push(e);
+                        0
+                    }),
+                    Lost::Ip(id, ip) if s.eni(id).is_some_and(|e| e.ips.contains(ip)) => {
+                        s.remove_ips(id, &[*ip]).map(|()| 1)
+                    }
+                    Lost::Prefix(id, p) if s.eni(id).is_some_and(|e| e.prefixes.contains(p)) => s
+                        .remove_prefix(id, *p)
+                        .map(|()| p.addresses().count() as u64),
+                    _ => continue,
+                };
+                match (lost, result) {
+                    (Lost::Eni(id), Ok(_)) => {
+                        self.metrics
+                            .force_removed_enis
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!("{id} is no longer attached in EC2: forgotten");
+                    }
+                    (_, Ok(n)) => {
+                        self.metrics
+                            .force_removed_ips
+                            .fetch_add(n, Ordering::Relaxed);
+                        warn!("{lost} in EC2: forgotten");
+                    }
+                    (_, Err(e)) => warn!("{lost} in EC2, but kept: {e}"),
+                }
+            }
+        }
+        for eni in gone {
+            if let Err(e) = self.host.teardown_eni(&self.eni_net(&eni)).await {
+                warn!("undoing the host side of {}: {e}", eni.id);
+            }
+        }
+    }
+
+    /// Releases assignments whose pod has no interface on the host (no /32 route to the
+    /// address through one of our veths) and that are older than `reclaim_after`: the
+    /// runtime deleted the pod while ipamd could not be reached (the plugin's DEL then
+    /// succeeds from local state), or forgot a sandbox whose setup failed. Without this,
+    /// such an address would stay assigned forever.
+    pub async fn reclaim_stale(&self) -> usize {
+        let grace = self.timing.reclaim_after;
+        if grace.is_zero() {
+            return 0;
+        }
+        let routes = match self.host.pod_routes().await {
+            Ok(r) => r,
+            Err(e) => {
+                // Never guess: an unreadable host is not a host without pods.
+                debug!("reclaim: cannot read the host's pod routes: {e}");
+                return 0;
+            }
+        };
+        let live: BTreeSet<Ipv4Addr> = routes.iter().map(|(ip, _)| *ip).collect();
+        let now = now_ns();
+        let grace_ns = grace.as_nanos() as u64;
+        let pending = self.release_where(|a| {
+            !live.contains(&a.ip) && now.saturating_sub(a.assigned_at_ns) >= grace_ns
+        });
+        let n = pending.len();
+        for (p, a) in pending {
+            match p.durable().await {
+                Ok(()) => {
+                    self.metrics.reclaimed_ips.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "released {} of {}/{} (container {}): its pod has no interface on this host (a DEL that never reached ipamd)",
+                        a.ip, a.pod.namespace, a.pod.name, a.key.container_id
+                    );
+                }
+                Err(e) => error!("checkpoint while releasing {}: {e}", a.ip),
+            }
+        }
+        if n > 0 {
+            self.wake_pool.notify_one();
+        }
+        n
+    }
+
+    pub(super) async fn housekeeping(&self) {
+        let (reconcile, sweep) = {
+            let rt = self.reconciler.lock().unwrap();
+            (
+                rt.last_reconcile
+                    .is_none_or(|t| t.elapsed() >= self.timing.reconcile_interval),
+                !self.cfg.disable_leaked_eni_cleanup
+                    && rt
+                        .last_sweep
+                        .is_none_or(|t| t.elapsed() >= self.timing.leaked_sweep_interval),
+            )
+        };
+        if reconcile {
+            self.reconcile().await;
+        }
+        if sweep {
+            self.reconciler.lock().unwrap().last_sweep = Some(Instant::now());
+            self.sweep_leaked_enis().await;
+        }
+    }
+
+    /// Deletes ENIs this instance created that are left unattached (a crash between
+    /// create and attach, or detach and delete): older than the minimum age.
+    pub async fn sweep_leaked_enis(&self) -> usize {
+        let enis = match self
+            .ec2
+            .unattached_enis_tagged(TAG_INSTANCE_ID, &self.meta.instance_id)
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.error("leakedENISweepFailed");
+                warn!("leaked-ENI sweep: {e}");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for e in enis {
+            let created = e
+                .tags
+                .iter()
+                .find(|(k, _)| k == TAG_CREATED_AT)
+                .and_then(|(_, v)| parse_rfc3339(v));
+            let old = created
+                .is_none_or(|t| t.elapsed().unwrap_or_default() >= self.timing.leaked_min_age);
+            if e.status == "available" && old {
+                match self.ec2.delete_eni(&e.id).await {
+                    Ok(()) => {
+                        info!("deleted leaked ENI {}", e.id);
+                        self.metrics
+                            .leaked_enis_deleted
+                            .fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                    Err(err) => warn!("deleting leaked ENI {}: {err}", e.id),
+                }
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::datastore::{PodRef, SandboxKey};
+    use crate::node::fakes::{FakeImds, LiveHost, NoEc2};
+    use crate::node::{AddOutcome, Timing};
+
+    #[tokio::test]
+    async fn assignments_without_a_pod_interface_are_reclaimed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::from_env(|_| None).unwrap();
+        cfg.backing_store = dir.path().join("ipam.json").display().to_string();
+        cfg.ip_cooldown = Duration::ZERO;
+        cfg.add_wait = Duration::from_millis(100);
+        let host = LiveHost::with(vec![]);
+        let timing = Timing {
+            reclaim_after: Duration::from_millis(300),
+            ..Timing::default()
+        };
+        let start = |cfg: Config, host: Arc<LiveHost>| {
+            let timing = timing.clone();
+            async move {
+                Node::start(cfg, Arc::new(NoEc2), Arc::new(FakeImds), host, timing)
+                    .await
+                    .unwrap()
+            }
+        };
+        let node = start(cfg.clone(), host.clone()).await;
+        let mut ips = Vec::new();
+        for c in ["kept", "gone"] {
+            let key = SandboxKey {
+                network: "aws-cni".into(),
+                container_id: c.into(),
+                if_name: "eth0".into(),
+            };
+            let AddOutcome::Assigned(a) = node.add(key, PodRef::default()).await.unwrap() else {
+                panic!("no address")
+            };
+            ips.push(a.ip);
+        }
+        // Only the first pod's interface exists (the second's DEL never reached ipamd).
+        *host.0.lock().unwrap() = Some(vec![(ips[0], "eni1".into())]);
+        assert_eq!(
+            node.reclaim_stale().await,
+            0,
+            "too young: an ADD may be in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        *host.0.lock().unwrap() = None;
+        assert_eq!(
+            node.reclaim_stale().await,
+            0,
+            "an unreadable host proves nothing"
+        );
+        *host.0.lock().unwrap() = Some(vec![(ips[0], "eni1".into())]);
+        assert_eq!(node.reclaim_stale().await, 1);
+        let held: Vec<Ipv4Addr> = node.assignments().iter().map(|a| a.ip).collect();
+        assert_eq!(held, vec![ips[0]]);
+        assert_eq!(node.metrics.reclaimed_ips.load(Ordering::Relaxed), 1);
+        // Durable: a restarted ipamd holds only the live pod's address.
+        drop(node);
+        let node = start(cfg, host).await;
+        let held: Vec<Ipv4Addr> = node.assignments().iter().map(|a| a.ip).collect();
+        assert_eq!(held, vec![ips[0]]);
+    }
+}

@@ -1,0 +1,145 @@
+//! What happens when a pod asks: AddNetwork (with its bounded wait for the pool to
+//! refill), DelNetwork, CNI GC, and whether ipamd can serve at all (gRPC health).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Node, RECOVERED_PREFIX, host_veth_name, now_ns};
+use crate::datastore::{Assignment, PodRef, SandboxKey};
+use crate::pool::Decision;
+
+pub enum AddOutcome {
+    Assigned(Assignment),
+    /// No address within the bounded wait.
+    NoAddress,
+}
+
+/// Counts the AddNetwork calls waiting for an address while alive.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicU32) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Node {
+    pub async fn add(&self, key: SandboxKey, pod: PodRef) -> std::io::Result<AddOutcome> {
+        let deadline = Instant::now() + self.cfg.add_wait;
+        let mut waiting = None;
+        loop {
+            let added = self.addresses_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            let got = {
+                let mut s = self.store.lock().unwrap();
+                match s.assign(&key, &pod, now_ns()) {
+                    Ok((a, new)) => {
+                        let wake = self.pool_has_work(&mut s);
+                        // A repeated ADD is recorded again on purpose: the first one's line
+                        // may still be queued, and ours, behind it, answers only once both
+                        // are written.
+                        Some((self.journal.record_add(&a), a, new, wake))
+                    }
+                    Err(_) => None,
+                }
+            };
+            if let Some((pending, a, new, wake)) = got {
+                if let Err(e) = pending.durable().await {
+                    if new {
+                        self.store.lock().unwrap().release(&key, now_ns());
+                    }
+                    return Err(e);
+                }
+                self.compact_every_n_ops();
+                // Keep the pool ahead of demand.
+                if wake {
+                    self.wake_pool.notify_one();
+                }
+                return Ok(AddOutcome::Assigned(a));
+            }
+            // Counted before the pool is woken: it sizes what it fetches for waiting pods
+            // on a cordoned node by this.
+            waiting.get_or_insert_with(|| Waiting::new(&self.waiting));
+            self.wake_pool.notify_one();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(AddOutcome::NoAddress);
+            }
+            // Also re-check now and then: an address may leave cooldown without a notification.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), added).await;
+        }
+    }
+
+    pub async fn del(&self, key: SandboxKey, pod: &PodRef) -> std::io::Result<Option<Assignment>> {
+        let got = {
+            let mut s = self.store.lock().unwrap();
+            let now = now_ns();
+            let released = s.release(&key, now).or_else(|| {
+                // An assignment rebuilt from host routes is keyed by the pod's host veth.
+                if pod.name.is_empty() {
+                    return None;
+                }
+                let veth = host_veth_name(&self.cfg.veth_prefix, &pod.namespace, &pod.name);
+                s.release(
+                    &SandboxKey {
+                        network: key.network.clone(),
+                        container_id: format!("{RECOVERED_PREFIX}{veth}"),
+                        if_name: "eth0".into(),
+                    },
+                    now,
+                )
+            });
+            let wake = self.pool_has_work(&mut s);
+            released.map(|a| (self.journal.record_del(&a, now), a, wake))
+        };
+        let Some((pending, a, wake)) = got else {
+            return Ok(None);
+        };
+        pending.durable().await?;
+        self.compact_every_n_ops();
+        if wake {
+            self.wake_pool.notify_one();
+        }
+        Ok(Some(a))
+    }
+
+    /// Releases every assignment of `network` not in `valid` (CNI GC).
+    pub async fn garbage_collect(
+        &self,
+        network: &str,
+        valid: &BTreeSet<(String, String)>,
+    ) -> std::io::Result<Vec<Assignment>> {
+        let pending = self.release_where(|a| {
+            a.key.network == network
+                && !valid.contains(&(a.key.container_id.clone(), a.key.if_name.clone()))
+        });
+        let mut out = Vec::new();
+        for (p, a) in pending {
+            p.durable().await?;
+            out.push(a);
+        }
+        self.wake_pool.notify_one();
+        Ok(out)
+    }
+
+    /// Can an AddNetwork be answered now, or soon by growing the pool? (health)
+    pub fn can_serve(&self) -> bool {
+        let free = self.store.lock().unwrap().counts(now_ns()).3;
+        if free > 0 {
+            return true;
+        }
+        match self.limits() {
+            Some(l) => self.policy(l).decide(&self.pool_state(l)) != Decision::AtCapacity,
+            None => true,
+        }
+    }
+}
