@@ -11,43 +11,10 @@ pub const DEFAULT_MTU: u32 = 9001;
 pub const MIN_MTU: u32 = 576;
 pub const MAX_MTU: u32 = 9001;
 pub const DEFAULT_VETH_PREFIX: &str = "eni";
-pub const DEFAULT_LOG_FILE: &str = "/var/log/aws-routed-eni/plugin.log";
-pub const DEFAULT_IPAMD_ADDRESS: &str = "/var/run/aws-node/ipamd.sock";
+pub use vpc_cni_proto::address::DEFAULT_IPAMD_SOCKET as DEFAULT_IPAMD_ADDRESS;
+pub use vpc_cni_proto::conf::DEFAULT_PLUGIN_LOG_FILE as DEFAULT_LOG_FILE;
 
-/// Where ipamd listens: a Unix socket (the default) or, opt-in, TCP as old releases did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IpamdAddress {
-    Unix(String),
-    Tcp(String),
-}
-
-impl IpamdAddress {
-    pub fn parse(s: &str) -> Result<Self> {
-        if let Some(path) = s.strip_prefix("unix://") {
-            return Ok(Self::Unix(path.to_string()));
-        }
-        if s.starts_with('/') {
-            return Ok(Self::Unix(s.to_string()));
-        }
-        let hostport = s.strip_prefix("tcp://").unwrap_or(s);
-        if hostport.parse::<std::net::SocketAddr>().is_ok() {
-            return Ok(Self::Tcp(hostport.to_string()));
-        }
-        Err(CniError::config(format!(
-            "ipamdAddress {s:?} is neither an absolute socket path (/var/run/aws-node/ipamd.sock) \
-             nor IP:PORT (127.0.0.1:50051)"
-        )))
-    }
-}
-
-impl std::fmt::Display for IpamdAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unix(p) => write!(f, "unix://{p}"),
-            Self::Tcp(a) => write!(f, "tcp://{a}"),
-        }
-    }
-}
+pub use vpc_cni_proto::address::IpamdAddress;
 
 /// One attachment the runtime still uses (GC's `cni.dev/valid-attachments`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -144,7 +111,8 @@ impl NetConf {
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .unwrap_or(DEFAULT_IPAMD_ADDRESS),
-        )?;
+        )
+        .map_err(|e| CniError::config(format!("ipamdAddress {e}")))?;
         Ok(NetConf {
             cni_version,
             cni_version_str,

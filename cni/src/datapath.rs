@@ -8,10 +8,9 @@
 use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 
-use netlink_packet_route::neighbour::NeighbourState;
-use netlink_packet_route::route::RouteScope;
-
-use crate::netlink::{Link, MAIN_TABLE, Netlink, NlResult, Rule, format_mac};
+use vpc_cni_netlink::{
+    Link, MAIN_TABLE, NeighbourState, Netlink, NlResult, RouteScope, Rule, format_mac,
+};
 
 /// The pod's gateway: a link-local address that exists nowhere; the permanent
 /// neighbour entry sends everything to the host veth.
@@ -105,11 +104,13 @@ pub async fn setup(
 }
 
 async fn must_exist(nl: &Netlink, name: &str, side: &str) -> NlResult<Link> {
-    nl.link(name).await?.ok_or_else(|| crate::netlink::NlError {
-        op: format!("find {side} end {name} of the new veth"),
-        errno: None,
-        text: "it does not exist right after creation".into(),
-    })
+    nl.link(name)
+        .await?
+        .ok_or_else(|| vpc_cni_netlink::NlError {
+            op: format!("find {side} end {name} of the new veth"),
+            errno: None,
+            text: "it does not exist right after creation".into(),
+        })
 }
 
 /// Removes what a failed [`setup`] may have created: the veth pair (ours by name,

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use vpc_cni_proto::health::health_client::HealthClient;
 use vpc_cni_proto::health::{HealthCheckRequest, health_check_response::ServingStatus};
 use vpc_cni_proto::rpc::cni_backend_client::CniBackendClient;
@@ -49,17 +47,6 @@ impl From<CallError> for CniError {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 impl Ipamd {
     pub async fn connect(address: &IpamdAddress) -> Result<Self, CallError> {
         let unreachable = |e: &dyn std::error::Error| {
@@ -68,29 +55,12 @@ impl Ipamd {
                     ErrorCode::TryAgainLater,
                     format!("ipamd is unreachable at {address}; is aws-node running on this node?"),
                 )
-                .with_details(chain(e)),
+                .with_details(vpc_cni_proto::address::describe(e)),
             )
         };
-        let channel = match address {
-            IpamdAddress::Unix(path) => {
-                let path = path.clone();
-                Endpoint::from_static("http://ipamd.sock")
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move { UnixStream::connect(path).await.map(TokioIo::new) }
-                    }))
-                    .await
-            }
-            IpamdAddress::Tcp(hostport) => {
-                Endpoint::from_shared(format!("http://{hostport}"))
-                    .map_err(|e| unreachable(&e))?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .connect()
-                    .await
-            }
-        }
-        .map_err(|e| unreachable(&e))?;
+        let channel = vpc_cni_proto::address::connect(address, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| unreachable(&e))?;
         Ok(Ipamd {
             channel,
             address: address.clone(),

@@ -8,8 +8,6 @@ pub mod error;
 pub mod ipamd;
 #[macro_use]
 pub mod log;
-pub mod netlink;
-pub mod netns;
 pub mod plugin;
 pub mod result;
 pub mod version;

@@ -14,9 +14,9 @@ use crate::config::{NetConf, peek_version};
 use crate::datapath::{self, GATEWAY, PodSpec};
 use crate::error::{CniError, ErrorCode, Result};
 use crate::ipamd::{CLIENT_VERSION, CallError, Ipamd};
-use crate::netlink::{Netlink, format_mac};
-use crate::netns::NetNs;
 use crate::result::{CniResult, Interface, IpConfig, Route};
+use vpc_cni_netlink::netns::NetNs;
+use vpc_cni_netlink::{Netlink, format_mac};
 
 /// The CNI_* environment of one invocation.
 #[derive(Debug, Clone, Default)]

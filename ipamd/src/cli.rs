@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use serde_json::Value;
+use vpc_cni_proto::address::IpamdAddress;
 
 /// GET `path` from the introspection server at `addr` (`host:port` or `unix:/path`).
 pub fn http_get(addr: &str, path: &str) -> Result<Value, String> {
@@ -216,18 +217,36 @@ pub fn status(addr: &str) -> Result<String, String> {
 
 /// ipamd's gRPC health check: Ok when it answers SERVING (the probes, the entrypoint's
 /// wait, the tests' waits).
-pub async fn serving(addr: &aws_cni::config::IpamdAddress) -> Result<(), String> {
-    let msg = |e| aws_cni::error::CniError::from(e).to_string();
-    let c = aws_cni::ipamd::Ipamd::connect(addr).await.map_err(msg)?;
-    match c.health().await.map_err(msg)? {
-        vpc_cni_proto::health::health_check_response::ServingStatus::Serving => Ok(()),
+pub async fn serving(addr: &IpamdAddress) -> Result<(), String> {
+    use vpc_cni_proto::health::health_check_response::ServingStatus;
+    use vpc_cni_proto::health::{HealthCheckRequest, health_client::HealthClient};
+    let timeout = Duration::from_secs(3);
+    let channel = vpc_cni_proto::address::connect(addr, timeout)
+        .await
+        .map_err(|e| {
+            format!(
+                "ipamd is unreachable at {addr}: {}",
+                vpc_cni_proto::address::describe(&e)
+            )
+        })?;
+    let req = HealthCheckRequest {
+        service: vpc_cni_proto::HEALTH_SERVICE.to_string(),
+    };
+    let status = tokio::time::timeout(timeout, HealthClient::new(channel).check(req))
+        .await
+        .map_err(|_| format!("ipamd at {addr} did not answer its health check within {timeout:?}"))?
+        .map_err(|s| format!("ipamd at {addr}: health check failed: {}", s.message()))?
+        .into_inner()
+        .status();
+    match status {
+        ServingStatus::Serving => Ok(()),
         other => Err(format!("ipamd at {addr} is {}", other.as_str_name())),
     }
 }
 
 /// `ipamd health [SOCKET]`: `serving` on a runtime of its own.
 pub fn health(socket: &str) -> Result<(), String> {
-    let addr = aws_cni::config::IpamdAddress::parse(socket).map_err(|e| e.to_string())?;
+    let addr = IpamdAddress::parse(socket)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use aws_cni::config::IpamdAddress;
-use aws_cni::log::Level;
 use serde_json::{Value, json};
+use vpc_cni_proto::address::IpamdAddress;
+use vpc_cni_proto::conf::{DEFAULT_PLUGIN_LOG_FILE, LogLevel};
 
 pub const CONFLIST_NAME: &str = "10-aws.conflist";
 
@@ -38,16 +38,12 @@ pub fn settings(get: impl Fn(&str) -> Option<String>, exe_dir: &Path) -> Result<
     let cfg = ipamd_core::config::from_env(&get).map_err(|e| e.to_string())?;
     crate::kube::check(&cfg, &get)?;
     let level = env_or(&get, "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG");
-    if Level::parse(&level).is_none() {
+    if LogLevel::parse(&level).is_none() {
         return Err(format!(
             "AWS_VPC_K8S_PLUGIN_LOG_LEVEL={level:?} is invalid: DEBUG, INFO, WARN or ERROR"
         ));
     }
-    let log_file = env_or(
-        &get,
-        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
-        aws_cni::config::DEFAULT_LOG_FILE,
-    );
+    let log_file = env_or(&get, "AWS_VPC_K8S_PLUGIN_LOG_FILE", DEFAULT_PLUGIN_LOG_FILE);
     if log_file == "stdout" {
         return Err(
             "AWS_VPC_K8S_PLUGIN_LOG_FILE=\"stdout\" is invalid: stdout carries the CNI result; use a path, stderr or none"
@@ -73,8 +69,7 @@ pub fn settings(get: impl Fn(&str) -> Option<String>, exe_dir: &Path) -> Result<
             format!("IPAMD_READY_TIMEOUT_MS={timeout_raw:?} is invalid: a positive number of milliseconds")
         })?;
     let socket = cfg.socket_path.clone();
-    IpamdAddress::parse(&socket)
-        .map_err(|e| format!("IPAMD_SOCKET={socket:?} is invalid: {}", e.msg))?;
+    IpamdAddress::parse(&socket).map_err(|e| format!("IPAMD_SOCKET={socket:?} is invalid: {e}"))?;
     let cni_bin_dir = abs("HOST_CNI_BIN_PATH", "/host/opt/cni/bin")?;
     let mut plugins = vec![json!({
         "name": "aws-cni",

@@ -1,5 +1,5 @@
 //! The host network, for real: secondary ENI links, route tables and rules through
-//! netlink (the plugin's `aws_cni::netlink`), rp_filter through /proc/sys, and the SNAT /
+//! netlink (`vpc_cni_netlink`, shared with the plugin), rp_filter through /proc/sys, and the SNAT /
 //! CONNMARK rules through the `iptables` crate (either back end). Everything converges:
 //! compare with the expected state, change only what differs.
 
@@ -7,13 +7,13 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_cni::netlink::{Link, MAIN_TABLE, Netlink, Route, RouteScope};
 use ipamd_core::hostnet::{
     ChainPlan, ENI_RULE_PRIORITY, EXTERNAL_SERVICE_RULE_PRIORITY, EniNet, FWMARK_RULE_PRIORITY,
     HostNetwork, NodeNet, iptables_plan, is_ours, owned_chains,
 };
 use iptables::IPTables;
 use tracing::{debug, info};
+use vpc_cni_netlink::{Link, MAIN_TABLE, Netlink, Route, RouteScope};
 
 /// Which iptables back end to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,9 +10,6 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use aws_cni::datapath::{PodSpec, setup};
-use aws_cni::netlink::Netlink;
-use aws_cni::netns::NetNs;
 use common::*;
 use ipamd::host::{Backend, LinuxHost};
 use ipamd_core::config;
@@ -581,6 +578,7 @@ fn pods_reach_the_vpc_unchanged_and_the_internet_through_snat() {
     let pod_b = Netns::new("hn-podb");
     let (vpc_path, inet_path) = (vpc.path(), inet.path());
     let (a_path, b_path) = (pod_a.path(), pod_b.path());
+    let pod_names = (pod_a.0.clone(), pod_b.0.clone());
     in_node_ns("hostnet-traffic", async move || {
         // Node: eth0 (primary ENI, 10.0.0.10) and eth1 (secondary ENI, device 1) are
         // veths into the VPC namespace, which routes each pod address to its ENI.
@@ -633,27 +631,72 @@ fn pods_reach_the_vpc_unchanged_and_the_internet_through_snat() {
         inet.exec(&["ip", "link", "set", "eth0", "up"]);
         inet.exec(&["ip", "route", "add", "default", "via", "203.0.113.1"]);
 
-        // ipamd's side, then two pods through the plugin's datapath code: A on the
-        // primary ENI, B on the secondary one (table 2).
+        // ipamd's side, then two pods with the plugin's datapath (compat.md section 4,
+        // built here with iproute2): A on the primary ENI, B on the secondary one (table 2).
         let host = LinuxHost::new(Backend::System, "eni").unwrap();
         host.setup_node(&node_net(&[])).await.unwrap();
         host.setup_eni(&eni1(), Duration::ZERO).await.unwrap();
-        let nl = Netlink::connect().unwrap();
-        let home = NetNs::current().unwrap();
-        for (path, ip, table, veth) in [
-            (&a_path, "10.0.0.20", None, "enipoda"),
-            (&b_path, "10.0.1.20", Some(2), "enipodb"),
+        for (pod, ip, table, veth) in [
+            (&pod_names.0, "10.0.0.20", None, "enipoda"),
+            (&pod_names.1, "10.0.1.20", Some("2"), "enipodb"),
         ] {
-            let ns = NetNs::open(std::path::Path::new(path)).unwrap();
-            let pod_nl = ns.run_in(&home, Netlink::connect).unwrap().unwrap();
-            let spec = PodSpec {
-                host_veth: veth.into(),
-                if_name: "eth0".into(),
-                ip: ip.parse().unwrap(),
-                mtu: 9001,
-                table,
+            let in_pod = |args: &[&str]| {
+                let mut full = vec!["ip", "netns", "exec", pod.as_str()];
+                full.extend_from_slice(args);
+                sh(&full)
             };
-            setup(&nl, &pod_nl, ns.raw_fd(), &spec).await.unwrap();
+            sh(&[
+                "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod,
+            ]);
+            // (Not /sys/class/net: sysfs is the machine's, this thread is in the node's netns.)
+            let link: serde_json::Value =
+                serde_json::from_str(&sh(&["ip", "-j", "link", "show", veth])).unwrap();
+            let mac = link[0]["address"].as_str().unwrap().to_string();
+            let addr = format!("{ip}/32");
+            in_pod(&["ip", "link", "set", "eth0", "up"]);
+            in_pod(&["ip", "addr", "add", &addr, "dev", "eth0"]);
+            in_pod(&[
+                "ip",
+                "route",
+                "add",
+                "169.254.1.1/32",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ]);
+            in_pod(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ]);
+            in_pod(&[
+                "ip",
+                "neigh",
+                "add",
+                "169.254.1.1",
+                "lladdr",
+                mac.trim(),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ]);
+            sh(&["ip", "link", "set", veth, "up"]);
+            sh(&["ip", "route", "add", &addr, "dev", veth, "scope", "link"]);
+            sh(&[
+                "ip", "rule", "add", "to", &addr, "lookup", "main", "pref", "512",
+            ]);
+            if let Some(t) = table {
+                sh(&[
+                    "ip", "rule", "add", "from", &addr, "lookup", t, "pref", "1536",
+                ]);
+            }
         }
         let vpc_host: SocketAddr = "10.0.0.1:7001".parse().unwrap();
         let internet: SocketAddr = "203.0.113.10:7002".parse().unwrap();

@@ -1,5 +1,8 @@
-//! A thin wrapper over rtnetlink so the datapath speaks in links, addresses, routes,
-//! rules and neighbours, and never touches raw netlink messages.
+//! A thin wrapper over rtnetlink so the plugin's datapath and ipamd's host networking
+//! speak in links, addresses, routes, rules and neighbours, and never touch raw netlink
+//! messages; `netns` enters a network namespace just long enough to open a socket there.
+
+pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::RawFd;

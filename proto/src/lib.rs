@@ -1,7 +1,12 @@
 //! The gRPC contract between the `aws-cni` plugin and ipamd (protobuf package `rpc`),
-//! plus the standard gRPC health service. Clients always; servers with feature `server`.
+//! plus the standard gRPC health service, where ipamd listens (`address`) and the conflist
+//! keys both sides agree on (`conf`). Clients always; servers with feature `server`; a
+//! channel to ipamd's socket with feature `client`.
 #![forbid(unsafe_code)]
 #![allow(clippy::all, clippy::pedantic)]
+
+pub mod address;
+pub mod conf;
 
 /// Package `rpc`: `CNIBackend` (upstream) and `CNIGarbageCollector` (ours).
 pub mod rpc {

@@ -4,8 +4,8 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use aws_cni::netlink::Netlink;
-use aws_cni::netns::NetNs;
+use vpc_cni_netlink::Netlink;
+use vpc_cni_netlink::netns::NetNs;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

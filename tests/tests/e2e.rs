@@ -431,6 +431,6 @@ fn ipamd_killed_during_pod_churn_loses_nothing_and_the_pool_recovers() {
 }
 
 async fn ipamd_serving(socket: &std::path::Path) -> bool {
-    let addr = aws_cni::config::IpamdAddress::Unix(socket.display().to_string());
+    let addr = vpc_cni_proto::address::IpamdAddress::Unix(socket.display().to_string());
     ipamd::cli::serving(&addr).await.is_ok()
 }

@@ -3,17 +3,20 @@
 
 use std::net::Ipv4Addr;
 
-use aws_cni::datapath::{GATEWAY, host_veth_name};
-use aws_cni::netlink::{MAIN_TABLE, Netlink, format_mac};
 use netlink_state::*;
 use serde_json::json;
+use vpc_cni_netlink::{MAIN_TABLE, Netlink, format_mac};
+use vpc_cni_proto::host_veth_name;
 use vpc_cni_tests::fake_ipamd::Call;
 use vpc_cni_tests::netns::TestNs;
 use vpc_cni_tests::plugin::{Invocation, World};
 
+/// The pod's gateway (compat.md section 4).
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
 mod netlink_state {
     use super::*;
-    use aws_cni::netlink::NeighbourState;
+    use vpc_cni_netlink::NeighbourState;
 
     /// What the kernel holds for one pod, read with netlink.
     #[derive(Debug)]

@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use aws_cni::config::IpamdAddress;
-use aws_cni::ipamd::CallError;
 use ec2_emulator_sdk_check::hotplug::Hotplug;
 pub use ec2_emulator_sdk_check::hotplug::sh;
 use ec2_emulator_sdk_check::{Emulator, sdk_config};
+use tonic::transport::Channel;
+use vpc_cni_proto::address::IpamdAddress;
+use vpc_cni_proto::health::health_check_response::ServingStatus;
+use vpc_cni_proto::health::{HealthCheckRequest, health_client::HealthClient};
+use vpc_cni_proto::rpc::cni_backend_client::CniBackendClient;
 use vpc_cni_proto::rpc::{AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest};
 
 pub struct Ipamd {
@@ -129,20 +131,19 @@ impl Drop for Ipamd {
     }
 }
 
-/// The plugin's own client (`aws_cni::ipamd`), shared by the test's tasks.
+/// A gRPC client of ipamd's socket (the generated clients over one channel, as the
+/// plugin uses them), shared by the test's tasks.
 #[derive(Clone)]
 pub struct Client {
-    pub ipamd: Arc<aws_cni::ipamd::Ipamd>,
+    channel: Channel,
 }
 
 pub async fn connect(path: &Path, within: Duration) -> Result<Client, String> {
     let addr = IpamdAddress::Unix(path.display().to_string());
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(ipamd) = aws_cni::ipamd::Ipamd::connect(&addr).await {
-            let c = Client {
-                ipamd: Arc::new(ipamd),
-            };
+        if let Ok(channel) = vpc_cni_proto::address::connect(&addr, Duration::from_secs(2)).await {
+            let c = Client { channel };
             if c.healthy().await {
                 return Ok(c);
             }
@@ -157,14 +158,36 @@ pub async fn connect(path: &Path, within: Duration) -> Result<Client, String> {
     }
 }
 
+/// A call that takes longer than this failed (ipamd's own wait is 10 s by default).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 30 s")),
+    }
+}
+
 impl Client {
+    /// The health service answers (whatever it says).
     pub async fn healthy(&self) -> bool {
-        self.ipamd.health().await.is_ok()
+        self.health().await.is_ok()
     }
 
-    pub async fn add(&self, container: &str) -> Result<AddNetworkReply, CallError> {
-        self.ipamd
-            .add(AddNetworkRequest {
+    pub async fn health(&self) -> Result<ServingStatus, tonic::Status> {
+        let req = HealthCheckRequest {
+            service: vpc_cni_proto::HEALTH_SERVICE.to_string(),
+        };
+        bounded(HealthClient::new(self.channel.clone()).check(req))
+            .await
+            .map(|r| r.status())
+    }
+
+    pub async fn add(&self, container: &str) -> Result<AddNetworkReply, tonic::Status> {
+        bounded(
+            CniBackendClient::new(self.channel.clone()).add_network(AddNetworkRequest {
                 k8s_pod_name: format!("pod-{container}"),
                 k8s_pod_namespace: "default".into(),
                 container_id: container.into(),
@@ -173,13 +196,14 @@ impl Client {
                 netns: "/var/run/netns/x".into(),
                 client_version: "test".into(),
                 ..Default::default()
-            })
-            .await
+            }),
+        )
+        .await
     }
 
-    pub async fn del(&self, container: &str) -> Result<DelNetworkReply, CallError> {
-        self.ipamd
-            .del(DelNetworkRequest {
+    pub async fn del(&self, container: &str) -> Result<DelNetworkReply, tonic::Status> {
+        bounded(
+            CniBackendClient::new(self.channel.clone()).del_network(DelNetworkRequest {
                 k8s_pod_name: format!("pod-{container}"),
                 k8s_pod_namespace: "default".into(),
                 container_id: container.into(),
@@ -187,8 +211,9 @@ impl Client {
                 network_name: "aws-cni".into(),
                 reason: "PodDeleted".into(),
                 ..Default::default()
-            })
-            .await
+            }),
+        )
+        .await
     }
 }
 
