@@ -92,10 +92,22 @@ class EmulatorApp:
             msg = fault.get("message") or f"Injected by the emulator for {action}."
             start_response(f"{status} Error", [("Content-Type", "text/xml")])
             return [ec2_error_xml(fault["code"], msg).encode()]
+        answer = {}
+
+        def capture(status, headers, exc_info=None):
+            answer["status"], answer["headers"] = status, headers
+
         with ec2.LOCK:
-            out = self.moto_app(environ, start_response)
+            out = self.moto_app(environ, capture)
             # Materialise inside the lock: moto builds the body lazily.
-            return [b"".join(out)]
+            body = b"".join(out)
+        headers = answer.get("headers", [])
+        if action == "DescribeNetworkInterfaces" and ec2.SETTINGS.get("describe_primary_unflagged"):
+            body = body.replace(b"<primary>true</primary>", b"<primary>false</primary>")
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        start_response(answer.get("status", "500 Error"), headers)
+        return [body]
 
     # --- control -----------------------------------------------------------------
     def control(self, environ, start_response, method, path):
@@ -137,12 +149,21 @@ class EmulatorApp:
                 return _json(start_response, 200, FAULTS)
         if path == "/_emulator/imds":
             if method == "POST":
-                for k in ("instance_id", "delay_seconds", "region"):
+                for k in ("instance_id", "delay_seconds", "region", "unavailable"):
                     if k in data:
-                        imds.CONFIG[k] = float(data[k]) if k == "delay_seconds" else data[k]
+                        if k == "delay_seconds":
+                            imds.CONFIG[k] = float(data[k])
+                        elif k == "unavailable":
+                            imds.CONFIG[k] = bool(data[k])
+                        else:
+                            imds.CONFIG[k] = data[k]
             return _json(start_response, 200, imds.CONFIG)
         if path == "/_emulator/settings":
-            if method == "POST" and "detach_seconds" in data:
-                ec2.SETTINGS["detach_seconds"] = float(data["detach_seconds"])
+            if method == "POST":
+                if "detach_seconds" in data:
+                    ec2.SETTINGS["detach_seconds"] = float(data["detach_seconds"])
+                for k in ("assign_echoes_primary", "describe_primary_unflagged"):
+                    if k in data:
+                        ec2.SETTINGS[k] = bool(data[k])
             return _json(start_response, 200, ec2.SETTINGS)
         return _json(start_response, 404, {"error": f"unknown control path {path}"})

@@ -30,7 +30,11 @@ from . import addressing
 LOCK = threading.RLock()
 
 # Seconds a detach takes before the ENI is "available" (0 = at once). Set by control.
-SETTINGS = {"detach_seconds": 0.0}
+# Quirks, off by default, reproduce answers a real or buggy EC2 endpoint gave that a
+# daemon must survive: AssignPrivateIpAddresses echoing the ENI's primary address (and one
+# address twice) among the new ones, as stock moto does; DescribeNetworkInterfaces
+# listing the primary address without its Primary flag.
+SETTINGS = {"detach_seconds": 0.0, "assign_echoes_primary": False, "describe_primary_unflagged": False}
 
 # When each address / prefix / attachment appeared, for IMDS's eventual consistency.
 APPEARED_AT = {}
@@ -383,6 +387,8 @@ def resp_assign_private_ip_addresses(self):
         _strs(self._get_param("Ipv4Prefixes", []), "Ipv4Prefix"),
         self._get_int_param("Ipv4PrefixCount", 0),
     )
+    if SETTINGS.get("assign_echoes_primary") and ips:
+        ips = [eni.private_ip_address, ips[0], *ips]
     return ActionResult(
         {
             "NetworkInterfaceId": eni.id,

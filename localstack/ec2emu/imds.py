@@ -10,7 +10,14 @@ import time
 from . import ec2
 
 TOKENS = {}
-CONFIG = {"instance_id": None, "delay_seconds": 0.0, "region": "us-west-2", "account": "123456789012"}
+# "unavailable": every request answers 503, as IMDS can while an instance boots.
+CONFIG = {
+    "instance_id": None,
+    "delay_seconds": 0.0,
+    "region": "us-west-2",
+    "account": "123456789012",
+    "unavailable": False,
+}
 
 
 def _visible(key):
@@ -102,6 +109,8 @@ def _lookup(tree, parts):
 
 def handle(method, path, headers, remote_addr=None):
     """Returns (status, content_type, body) or (status, content_type, body, extra headers)."""
+    if CONFIG.get("unavailable"):
+        return 503, "text/plain", "instance metadata service unavailable (emulated)"
     if path == "/latest/api/token":
         if method != "PUT":
             return 405, "text/plain", "method not allowed"

@@ -81,9 +81,12 @@ def emulator():
 @pytest.fixture(autouse=True)
 def clean_faults(emulator):
     emulator.control("/_emulator/faults", "DELETE")
-    emulator.control("/_emulator/settings", "POST", {"detach_seconds": 0})
+    quirks_off = {"detach_seconds": 0, "assign_echoes_primary": False, "describe_primary_unflagged": False}
+    emulator.control("/_emulator/settings", "POST", quirks_off)
     yield
     emulator.control("/_emulator/faults", "DELETE")
+    emulator.control("/_emulator/settings", "POST", quirks_off)
+    emulator.control("/_emulator/imds", "POST", {"unavailable": False})
 
 
 class Vpc:

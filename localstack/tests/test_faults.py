@@ -6,6 +6,7 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 from conftest import error_of
+from test_limits import vpc_prefix
 
 
 def test_injected_throttling_then_recovery(emulator):
@@ -54,3 +55,27 @@ def test_bad_control_requests_are_refused(emulator):
     with pytest.raises(urllib.error.HTTPError) as e:
         emulator.control("/_emulator/faults", "POST", {"action": "X", "probability": 2})
     assert e.value.code == 400
+
+
+def test_quirks_echo_the_primary_and_unflag_it(vpc, emulator):
+    """Answers a buggy endpoint gave (stock moto's assign echo), on request."""
+    ec2 = vpc.ec2
+    sub = vpc.subnet(f"{vpc_prefix(vpc)}.9.0/24")
+    eni = vpc.eni(sub)
+    primary = eni["PrivateIpAddress"]
+    emulator.control("/_emulator/settings", "POST", {"assign_echoes_primary": True, "describe_primary_unflagged": True})
+    r = ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"], SecondaryPrivateIpAddressCount=2)
+    got = [a["PrivateIpAddress"] for a in r["AssignedPrivateIpAddresses"]]
+    assert got[0] == primary and len(got) == 4 and got[1] == got[2], got
+    d = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni["NetworkInterfaceId"]])["NetworkInterfaces"][0]
+    assert not any(a.get("Primary") for a in d["PrivateIpAddresses"]), d["PrivateIpAddresses"]
+    emulator.control("/_emulator/settings", "POST", {"assign_echoes_primary": False, "describe_primary_unflagged": False})
+    d = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni["NetworkInterfaceId"]])["NetworkInterfaces"][0]
+    assert [a["PrivateIpAddress"] for a in d["PrivateIpAddresses"] if a.get("Primary")] == [primary]
+
+
+def test_imds_can_be_made_unavailable(emulator):
+    emulator.control("/_emulator/imds", "POST", {"unavailable": True})
+    assert emulator.imds("/latest/meta-data/instance-id", token=False)[0] == 503
+    emulator.control("/_emulator/imds", "POST", {"unavailable": False})
+    assert emulator.imds("/latest/meta-data/instance-id", token=False)[0] != 503

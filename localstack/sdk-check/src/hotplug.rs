@@ -30,6 +30,8 @@ pub fn sh(args: &[&str]) -> String {
 pub struct Hotplug {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Devices whose link is not made (a hypervisor that never shows an attached ENI).
+    withheld: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>,
 }
 
 impl Hotplug {
@@ -39,6 +41,8 @@ impl Hotplug {
         let (tx, rx) = std::sync::mpsc::channel();
         let endpoint = endpoint.to_string();
         let s = stop.clone();
+        let withheld: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>> = Default::default();
+        let w = withheld.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -52,7 +56,8 @@ impl Hotplug {
                 while !s.load(Ordering::Relaxed) {
                     if let Ok(id) = imds.get("/latest/meta-data/instance-id").await {
                         let id: String = id.into();
-                        hotplug_pass(&ec2, &imds, &id).await;
+                        let skip = w.lock().unwrap().clone();
+                        hotplug_pass(&ec2, &imds, &id, &skip).await;
                         if let Some(tx) = first.take() {
                             let _ = tx.send(());
                         }
@@ -65,7 +70,17 @@ impl Hotplug {
         Hotplug {
             stop,
             thread: Some(thread),
+            withheld,
         }
+    }
+
+    /// From now on, an ENI attached at `device` gets no link (until `release`).
+    pub fn withhold(&self, device: i32) {
+        self.withheld.lock().unwrap().insert(device);
+    }
+
+    pub fn release(&self, device: i32) {
+        self.withheld.lock().unwrap().remove(&device);
     }
 }
 
@@ -78,7 +93,12 @@ impl Drop for Hotplug {
     }
 }
 
-async fn hotplug_pass(ec2: &aws_sdk_ec2::Client, imds: &aws_config::imds::Client, instance: &str) {
+async fn hotplug_pass(
+    ec2: &aws_sdk_ec2::Client,
+    imds: &aws_config::imds::Client,
+    instance: &str,
+    withheld: &std::collections::BTreeSet<i32>,
+) {
     let Ok(r) = crate::attached_enis(ec2, instance).await else {
         return;
     };
@@ -87,6 +107,11 @@ async fn hotplug_pass(ec2: &aws_sdk_ec2::Client, imds: &aws_config::imds::Client
         .network_interfaces()
         .iter()
         .filter(|n| n.attachment().and_then(|a| a.status()).map(|s| s.as_str()) != Some("detached"))
+        .filter(|n| {
+            n.attachment()
+                .and_then(|a| a.device_index())
+                .is_none_or(|d| !withheld.contains(&d))
+        })
         .filter_map(|n| {
             Some((
                 n.attachment()?.device_index()?,
