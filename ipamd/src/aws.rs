@@ -442,25 +442,70 @@ impl SdkImds {
     }
 }
 
-/// What IMDS said at start-up, handed to the node so it is read once; later reads
-/// (the reconcile's refresh of subnet and VPC CIDRs) go to IMDS itself.
-pub struct Prefetched {
-    pub meta: InstanceMeta,
-    pub enis: std::sync::Mutex<Option<Vec<EniInfo>>>,
-    pub live: SdkImds,
+/// The EC2 client, made once the instance is known: its region (without AWS_REGION) and
+/// its primary subnet come from IMDS, which may not answer at start-up. Nothing calls EC2
+/// before (the pool loop starts after the instance is known); a call then fails, saying so.
+#[derive(Default)]
+pub struct LateEc2 {
+    sdk: std::sync::OnceLock<SdkEc2>,
+}
+
+impl LateEc2 {
+    pub fn install(&self, client: SdkEc2) {
+        let _ = self.sdk.set(client);
+    }
+
+    fn get(&self) -> CloudResult<&SdkEc2> {
+        self.sdk.get().ok_or_else(|| {
+            CloudError::new(
+                "ipamd",
+                "InstanceNotKnown",
+                "no EC2 client before the instance metadata has been read",
+            )
+        })
+    }
 }
 
 #[async_trait]
-impl Imds for Prefetched {
-    async fn instance(&self) -> CloudResult<InstanceMeta> {
-        Ok(self.meta.clone())
+impl Ec2 for LateEc2 {
+    async fn instance_type_limits(&self, t: &str) -> CloudResult<Limits> {
+        self.get()?.instance_type_limits(t).await
     }
-    async fn enis(&self) -> CloudResult<Vec<EniInfo>> {
-        let first = self.enis.lock().unwrap().take();
-        match first {
-            Some(e) => Ok(e),
-            None => self.live.enis().await,
-        }
+    async fn instance_enis(&self, id: &str) -> CloudResult<Vec<EniInfo>> {
+        self.get()?.instance_enis(id).await
+    }
+    async fn unattached_enis_tagged(&self, k: &str, v: &str) -> CloudResult<Vec<EniInfo>> {
+        self.get()?.unattached_enis_tagged(k, v).await
+    }
+    async fn cni_subnets(&self, vpc: &str) -> CloudResult<Vec<SubnetInfo>> {
+        self.get()?.cni_subnets(vpc).await
+    }
+    async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
+        self.get()?.create_eni(req).await
+    }
+    async fn attach_eni(&self, eni: &str, instance: &str, device: u32) -> CloudResult<String> {
+        self.get()?.attach_eni(eni, instance, device).await
+    }
+    async fn set_delete_on_termination(&self, eni: &str, attachment: &str) -> CloudResult<()> {
+        self.get()?.set_delete_on_termination(eni, attachment).await
+    }
+    async fn detach_eni(&self, attachment: &str) -> CloudResult<()> {
+        self.get()?.detach_eni(attachment).await
+    }
+    async fn delete_eni(&self, eni: &str) -> CloudResult<()> {
+        self.get()?.delete_eni(eni).await
+    }
+    async fn assign_ips(&self, eni: &str, count: u32) -> CloudResult<Vec<Ipv4Addr>> {
+        self.get()?.assign_ips(eni, count).await
+    }
+    async fn assign_prefixes(&self, eni: &str, count: u32) -> CloudResult<Vec<Ipv4Net>> {
+        self.get()?.assign_prefixes(eni, count).await
+    }
+    async fn unassign_ips(&self, eni: &str, ips: &[Ipv4Addr]) -> CloudResult<()> {
+        self.get()?.unassign_ips(eni, ips).await
+    }
+    async fn unassign_prefixes(&self, eni: &str, prefixes: &[Ipv4Net]) -> CloudResult<()> {
+        self.get()?.unassign_prefixes(eni, prefixes).await
     }
 }
 

@@ -36,6 +36,7 @@ fn env_or(get: &impl Fn(&str) -> Option<String>, var: &str, default: &str) -> St
 /// Everything the entrypoint and ipamd read, checked before anything is touched.
 pub fn settings(get: impl Fn(&str) -> Option<String>, exe_dir: &Path) -> Result<Settings, String> {
     let cfg = ipamd_core::config::from_env(&get).map_err(|e| e.to_string())?;
+    ipamd_core::node::timing_from_env(&get).map_err(|e| e.to_string())?;
     crate::kube::check(&cfg, &get)?;
     let level = env_or(&get, "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG");
     if LogLevel::parse(&level).is_none() {

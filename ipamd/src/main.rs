@@ -7,47 +7,9 @@ use std::time::Duration;
 
 use ipamd::{aws, host, kube, ops};
 use ipamd_core::budget::{BudgetConfig, Budgeted};
-use ipamd_core::cloud::Imds;
 use ipamd_core::config;
-use ipamd_core::node::{Node, Timing};
-use tracing::{error, info};
-
-/// Pacing knobs beyond upstream's (defaults are upstream's fixed values).
-fn timing() -> Result<Timing, String> {
-    let mut t = Timing::default();
-    let ms = |var: &str, into: &mut Duration| -> Result<(), String> {
-        if let Ok(v) = std::env::var(var) {
-            let n: u64 = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("{var}={v:?} is invalid: a number of milliseconds"))?;
-            *into = Duration::from_millis(n);
-        }
-        Ok(())
-    };
-    ms("IPAMD_POOL_INTERVAL_MS", &mut t.pool_interval)?;
-    ms("IPAMD_SHRINK_INTERVAL_MS", &mut t.shrink_interval)?;
-    ms("IPAMD_ENI_MIN_AGE_MS", &mut t.eni_min_age)?;
-    ms("IPAMD_RECONCILE_INTERVAL_MS", &mut t.reconcile_interval)?;
-    ms("IPAMD_SUBNET_FULL_BACKOFF_MS", &mut t.subnet_full_backoff)?;
-    ms("IPAMD_LEAKED_ENI_SWEEP_MS", &mut t.leaked_sweep_interval)?;
-    ms("IPAMD_LEAKED_ENI_MIN_AGE_MS", &mut t.leaked_min_age)?;
-    ms("IPAMD_ENI_LINK_WAIT_MS", &mut t.eni_link_wait)?;
-    ms("IPAMD_RECLAIM_AFTER_MS", &mut t.reclaim_after)?;
-    ms("IPAMD_SCHEDULE_WAIT_MS", &mut t.schedule_wait)?;
-    if let Ok(v) = std::env::var("IPAMD_CHECKPOINT_FSYNC") {
-        t.checkpoint_fsync = match v.as_str() {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            _ => {
-                return Err(format!(
-                    "IPAMD_CHECKPOINT_FSYNC={v:?} is invalid: true or false"
-                ));
-            }
-        };
-    }
-    Ok(t)
-}
+use ipamd_core::node::Node;
+use tracing::{error, info, warn};
 
 fn init_logging() -> Result<(), String> {
     let level = std::env::var("AWS_VPC_K8S_CNI_LOGLEVEL").unwrap_or_else(|_| "DEBUG".into());
@@ -189,7 +151,7 @@ async fn daemon() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let timing = match timing() {
+    let timing = match ipamd_core::node::timing_from_env(|k| std::env::var(k).ok()) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("ipamd: {e}");
@@ -204,8 +166,33 @@ async fn daemon() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Listening on a path removes what is there: only ever a socket of an earlier run.
+    for (var, path) in [
+        ("IPAMD_SOCKET", Some(cfg.socket_path.as_str())),
+        (
+            "INTROSPECTION_BIND_ADDRESS",
+            cfg.introspection_bind_address.strip_prefix("unix:"),
+        ),
+        (
+            "IPAMD_METRICS_BIND_ADDRESS",
+            cfg.metrics_bind_address.strip_prefix("unix:"),
+        ),
+    ] {
+        use std::os::unix::fs::FileTypeExt;
+        if let Some(p) = path
+            && let Ok(m) = std::fs::symlink_metadata(p)
+            && !m.file_type().is_socket()
+        {
+            let e = format!(
+                "{var}={p:?} is invalid: something that is not a socket is there (refusing to remove it)"
+            );
+            error!("{e}");
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let t0 = std::time::Instant::now();
-    let imds = aws::SdkImds::from_env();
+    let imds = Arc::new(aws::SdkImds::from_env());
     let backend =
         match host::Backend::from_env(std::env::var("IPAMD_IPTABLES_MODE").ok().as_deref()) {
             Ok(b) => b,
@@ -221,26 +208,15 @@ async fn daemon() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (meta, enis) = match futures::try_join!(imds.instance(), imds.enis()) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("ipamd: instance metadata: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let primary = enis.iter().find(|e| e.device_number == 0).cloned();
-    let imds = Arc::new(aws::Prefetched {
-        meta,
-        enis: std::sync::Mutex::new(Some(enis)),
-        live: imds,
-    });
-    let mut sdk = aws::SdkEc2::from_env(cfg.ec2_endpoint.as_deref()).await;
-    if let Some(p) = &primary {
-        sdk = sdk.with_primary_subnet(p.subnet_id.clone(), p.subnet_cidr);
-    }
-    let ec2 = Arc::new(Budgeted::new(sdk, BudgetConfig::default()));
+    // The EC2 client is made once IMDS has described the instance (its region and
+    // primary subnet come from there).
+    let ec2 = Arc::new(Budgeted::new(
+        aws::LateEc2::default(),
+        BudgetConfig::default(),
+    ));
     let socket = std::path::PathBuf::from(&cfg.socket_path);
-    let node = match Node::start(cfg, ec2.clone(), imds, host, timing).await {
+    let ec2_endpoint = cfg.ec2_endpoint.clone();
+    let node = match Node::restore(cfg, ec2.clone(), imds, host, timing).await {
         Ok(n) => n,
         Err(e) => {
             eprintln!("ipamd: {e}");
@@ -248,10 +224,8 @@ async fn daemon() -> ExitCode {
         }
     };
     info!(
-        instance = %node.meta.instance_id,
-        r#type = %node.meta.instance_type,
         assignments = node.assignments().len(),
-        "ready to serve in {:?}",
+        "restored in {:?}; serving DelNetwork and health now, AddNetwork once the instance metadata is read",
         t0.elapsed()
     );
     let schedule = match kube_plan {
@@ -265,8 +239,50 @@ async fn daemon() -> ExitCode {
             Some(tokio::spawn(kube::watch(node.clone(), client, name)))
         }
     };
-    let pool = tokio::spawn(node.clone().run_pool());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // IMDS may be slow or refuse while an instance boots: retried with backoff for
+    // IPAMD_IMDS_WAIT_MS while the socket serves (health NOT_SERVING); then the pool.
+    let gave_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pool = {
+        let (node, ec2, stop_tx, gave_up) =
+            (node.clone(), ec2.clone(), stop_tx.clone(), gave_up.clone());
+        tokio::spawn(async move {
+            let wait = node.timing.imds_wait;
+            let deadline = std::time::Instant::now() + wait;
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match node.learn_instance().await {
+                    Ok(()) => break,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        let pause = delay.min(deadline - std::time::Instant::now());
+                        warn!("instance metadata (IMDS) not available, retrying in {pause:?}: {e}");
+                        tokio::time::sleep(pause).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        error!(
+                            "instance metadata (IMDS) did not answer within {wait:?} (IPAMD_IMDS_WAIT_MS): {e}"
+                        );
+                        gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let _ = stop_tx.send(true);
+                        return;
+                    }
+                }
+            }
+            let Some(inst) = node.identity() else { return };
+            info!(
+                instance = %inst.meta.instance_id,
+                r#type = %inst.meta.instance_type,
+                "serving AddNetwork {:?} after start",
+                t0.elapsed()
+            );
+            let sdk = aws::SdkEc2::from_env(ec2_endpoint.as_deref())
+                .await
+                .with_primary_subnet(inst.primary_subnet.clone(), inst.primary_subnet_cidr);
+            ec2.inner().install(sdk);
+            node.run_pool().await;
+        })
+    };
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -304,12 +320,14 @@ async fn daemon() -> ExitCode {
             }
         }));
     }
+    let stopping = stopped();
     let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
+            _ = stopping => {}
         }
         let _ = stop_tx.send(true);
     };
@@ -326,10 +344,14 @@ async fn daemon() -> ExitCode {
     if let Err(e) = node.compact().await {
         error!("final snapshot: {e}");
     }
+    if gave_up.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("ipamd: the instance metadata service did not answer; see the log");
+        return ExitCode::from(1);
+    }
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ipamd: serving {}: {e}", socket.display());
+            eprintln!("ipamd: serving IPAMD_SOCKET {}: {e}", socket.display());
             ExitCode::from(1)
         }
     }

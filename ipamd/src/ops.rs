@@ -89,7 +89,7 @@ pub async fn serve(
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let _ = std::fs::remove_file(path);
+        ipamd_core::server::remove_stale_socket(path)?;
         let l = tokio::net::UnixListener::bind(path)?;
         return axum::serve(l, router)
             .with_graceful_shutdown(shutdown)
@@ -332,6 +332,28 @@ pub fn pool_json(node: &Node) -> Value {
         "manageEnisNonSchedulable": c.manage_enis_non_schedulable,
         "eniHold": node.eni_hold(),
     });
+    let free = node.view().free;
+    out["free"] = json!(free);
+    out["exhausted"] = json!(node.pool_exhausted());
+    out["waitingForLink"] = json!(
+        node.waiting_for_link()
+            .iter()
+            .map(|(eni, dev, since)| json!({
+                "eni": eni,
+                "device": dev,
+                "waitingSeconds": since.elapsed().as_secs(),
+            }))
+            .collect::<Vec<_>>()
+    );
+    out["assignBackoff"] = json!(
+        node.eni_backoffs()
+            .iter()
+            .map(|(eni, b)| json!({
+                "eni": eni,
+                "retryInSeconds": b.until.saturating_duration_since(std::time::Instant::now()).as_secs(),
+            }))
+            .collect::<Vec<_>>()
+    );
     if let Some(l) = limits {
         let p = node.policy(l);
         let s = node.pool_state(l);
@@ -569,6 +591,43 @@ pub fn render_metrics(node: &Node, ec2: &CallStats) -> String {
         "gauge",
         "1 while ENIs are neither attached nor freed because the node is cordoned (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false)",
         node.eni_hold().is_some() as u8,
+    );
+    o.one(
+        "awscni_pool_exhausted",
+        "gauge",
+        "1 while no address is free and the pool cannot grow (max pods, MAX_ENI, the instance's limits): a full node, still healthy",
+        node.pool_exhausted() as u8,
+    );
+    let waiting: BTreeMap<String, u64> = node
+        .waiting_for_link()
+        .into_iter()
+        .map(|(eni, _, since)| (eni, since.elapsed().as_secs()))
+        .collect();
+    o.labelled(
+        "awscni_eni_waiting_for_link_seconds",
+        "gauge",
+        "ENIs attached whose link has not appeared on the host: seconds waited so far",
+        "eni",
+        &waiting,
+    );
+    let backoffs: BTreeMap<String, u64> = node
+        .eni_backoffs()
+        .into_iter()
+        .map(|(eni, b)| {
+            (
+                eni,
+                b.until
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs(),
+            )
+        })
+        .collect();
+    o.labelled(
+        "awscni_eni_assign_backoff_seconds",
+        "gauge",
+        "ENIs EC2 refuses more addresses for although ipamd counts room: seconds before it is asked again",
+        "eni",
+        &backoffs,
     );
     let free: BTreeMap<String, u64> = v
         .subnets

@@ -32,6 +32,20 @@ pub fn host_veth_name(prefix: &str, namespace: &str, pod_name: &str) -> String {
     format!("{prefix}{}", &digest[..11])
 }
 
+/// The host veth of one attachment of a pod: upstream's name ([`host_veth_name`]) for
+/// `eth0`; for any other interface of the same pod (a second network, as Multus attaches
+/// one) sha1("<namespace>.<pod name>/<ifname>"), so two attachments never share a veth.
+/// ('/' is in neither a pod name nor an interface name: no pod's `eth0` name can match.)
+pub fn pod_veth_name(prefix: &str, namespace: &str, pod_name: &str, if_name: &str) -> String {
+    if if_name == "eth0" {
+        return host_veth_name(prefix, namespace, pod_name);
+    }
+    let digest = sha1_smol::Sha1::from(format!("{namespace}.{pod_name}/{if_name}"))
+        .digest()
+        .to_string();
+    format!("{prefix}{}", &digest[..11])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -45,5 +59,16 @@ mod tests {
             super::host_veth_name("pod", "default", "nginx"),
             "podc440f455693"
         );
+    }
+
+    #[test]
+    fn a_second_attachment_has_a_veth_of_its_own() {
+        let eth0 = super::pod_veth_name("eni", "default", "nginx", "eth0");
+        assert_eq!(eth0, "enic440f455693");
+        let net1 = super::pod_veth_name("eni", "default", "nginx", "net1");
+        assert_ne!(net1, eth0);
+        assert_eq!(net1.len(), 14);
+        // A pod named "nginx/net1" cannot exist; "nginx.net1" hashes differently.
+        assert_ne!(net1, super::host_veth_name("eni", "default", "nginx.net1"));
     }
 }

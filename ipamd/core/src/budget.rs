@@ -114,6 +114,11 @@ pub struct Budgeted<E> {
 }
 
 impl<E: Ec2> Budgeted<E> {
+    /// The client calls go to, behind the budget.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+
     pub fn new(inner: E, cfg: BudgetConfig) -> Self {
         let mut b = BTreeMap::new();
         b.insert(Family::Describe, Bucket::new(100.0, 20.0));

@@ -64,9 +64,19 @@ pub struct FileCooldown {
     pub released_at: u64,
 }
 
+/// More allocations than any instance has addresses for pods (the largest types hold
+/// 15 ENIs x 49 /28 prefixes = 11,760): a file with more is not this node's state, and
+/// is set aside rather than loaded (400,000 allocations took 947 MB).
+pub const MAX_ALLOCATIONS: usize = 16_384;
+/// A snapshot of `MAX_ALLOCATIONS` is about 4 MB; a journal is compacted every 2,000
+/// changes. Files larger than these are set aside unread.
+pub const MAX_SNAPSHOT_BYTES: u64 = 32 << 20;
+pub const MAX_JOURNAL_BYTES: u64 = 64 << 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Snapshot {
     version: String,
+    #[serde(deserialize_with = "at_most_max_allocations")]
     allocations: Vec<FileAllocation>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     cooldowns: Vec<FileCooldown>,
@@ -89,10 +99,43 @@ enum JournalOp {
     },
 }
 
+/// Deserialises the allocations, refusing (without allocating them) more than
+/// `MAX_ALLOCATIONS`.
+fn at_most_max_allocations<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<FileAllocation>, D::Error> {
+    struct Capped;
+    impl<'de> serde::de::Visitor<'de> for Capped {
+        type Value = Vec<FileAllocation>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_ALLOCATIONS} allocations")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::new();
+            while let Some(a) = seq.next_element()? {
+                if v.len() == MAX_ALLOCATIONS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_ALLOCATIONS} allocations, more than any instance has addresses for"
+                    )));
+                }
+                v.push(a);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Capped)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("no checkpoint at {0}")]
     Missing(PathBuf),
+    /// Unusable as it is: not JSON of the format, a version we do not know, a file that
+    /// is not a regular file (a directory, a FIFO) or too large to be a node's state.
+    /// Set it aside and rebuild; never crash-loop on it.
     #[error("checkpoint {path} is unusable: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot read checkpoint {path}: {source}")]
@@ -105,6 +148,57 @@ pub struct Loaded {
     pub cooldowns: Vec<(Ipv4Addr, u64)>,
     /// Lines replayed from the journal.
     pub journal_ops: usize,
+    /// A journal without its snapshot: the snapshot was lost, so what the journal says
+    /// is only what changed since it (pods from before it are missing here).
+    pub snapshot_missing: bool,
+}
+
+/// Reads a checkpoint file: `None` if there is none, `Corrupt` if what is there is not a
+/// regular file or is larger than `max` (never opened then: a FIFO would block).
+fn read_checkpoint_file(path: &Path, max: u64) -> Result<Option<Vec<u8>>, LoadError> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(LoadError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
+    };
+    let corrupt = |reason: String| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(corrupt(format!("it is {kind}, not a regular file")));
+    }
+    if meta.len() > max {
+        return Err(corrupt(format!(
+            "it holds {} bytes, more than a node's state can ({max})",
+            meta.len()
+        )));
+    }
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) => Err(LoadError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
 }
 
 pub fn journal_path(path: &Path) -> PathBuf {
@@ -169,29 +263,12 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         reason,
     };
     let jpath = journal_path(path);
-    let snap = match fs::read(path) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(LoadError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            });
-        }
-    };
-    let journal = match fs::read(&jpath) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(LoadError::Io {
-                path: jpath,
-                source: e,
-            });
-        }
-    };
+    let snap = read_checkpoint_file(path, MAX_SNAPSHOT_BYTES)?;
+    let journal = read_checkpoint_file(&jpath, MAX_JOURNAL_BYTES)?.unwrap_or_default();
     if snap.is_none() && journal.is_empty() {
         return Err(LoadError::Missing(path.to_path_buf()));
     }
+    let snapshot_missing = snap.is_none();
     let mut allocs: HashMap<SandboxKey, Assignment> = HashMap::new();
     let mut cooldowns: HashMap<Ipv4Addr, u64> = HashMap::new();
     if let Some(bytes) = snap {
@@ -246,6 +323,11 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
                 let a = to_assignment(&a).map_err(corrupt)?;
                 cooldowns.remove(&a.ip);
                 allocs.insert(a.key.clone(), a);
+                if allocs.len() > MAX_ALLOCATIONS {
+                    return Err(corrupt(format!(
+                        "its journal holds more than {MAX_ALLOCATIONS} allocations, more than any instance has addresses for"
+                    )));
+                }
             }
             JournalOp::Del {
                 network,
@@ -286,6 +368,7 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         assignments,
         cooldowns,
         journal_ops: ops,
+        snapshot_missing,
     })
 }
 
@@ -295,14 +378,24 @@ pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let mut to = path.as_os_str().to_owned();
-    to.push(format!(".corrupt-{stamp}"));
-    let to = PathBuf::from(to);
-    if path.exists() {
+    // Never over an earlier one set aside in the same second.
+    let to = (0..)
+        .map(|n| {
+            let mut to = path.as_os_str().to_owned();
+            to.push(format!(".corrupt-{stamp}"));
+            if n > 0 {
+                to.push(format!(".{n}"));
+            }
+            PathBuf::from(to)
+        })
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .expect("a free name");
+    // (symlink_metadata: a dangling link, or a FIFO, is moved too, never opened.)
+    if fs::symlink_metadata(path).is_ok() {
         fs::rename(path, &to)?;
     }
     let j = journal_path(path);
-    if j.exists() {
+    if fs::symlink_metadata(&j).is_ok() {
         let mut jt = to.as_os_str().to_owned();
         jt.push(".journal");
         fs::rename(&j, PathBuf::from(jt))?;
@@ -338,8 +431,23 @@ pub fn write_snapshot(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
+    // A temp file left by a crash is ours to replace; anything else there (a directory, a
+    // FIFO that would block the open, a link) is moved aside. create_new never follows a link.
+    match fs::symlink_metadata(&tmp) {
+        Ok(m) if m.is_file() => fs::remove_file(&tmp)?,
+        Ok(_) => {
+            let mut aside = tmp.as_os_str().to_owned();
+            aside.push(format!(
+                ".corrupt-{}",
+                crate::clock::now_ns() / 1_000_000_000
+            ));
+            fs::rename(&tmp, PathBuf::from(aside))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(&snapshot_bytes(assignments, cooldowns))?;
         if sync {
             f.sync_all()?;
@@ -413,7 +521,21 @@ impl Journal {
             fs::create_dir_all(dir)?;
         }
         let jpath = journal_path(path);
-        let mut file = OpenOptions::new().create(true).append(true).open(&jpath)?;
+        // Non-blocking: a FIFO put there must fail the open, not hang it.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+                .open(&jpath)?
+        };
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                jpath.display()
+            )));
+        }
         let snap_path = path.to_path_buf();
         if on_tmpfs(path.parent().unwrap_or(Path::new("/"))) {
             return Ok(Journal {
@@ -528,6 +650,21 @@ impl Journal {
             ipv4: a.ip.to_string(),
             released_at: released_ns,
         })
+    }
+
+    /// Completes once every change recorded before it is durable (it records nothing).
+    pub fn barrier(&self) -> Pending {
+        match &*self.inner {
+            // Inline writes are done by the time their record call returns.
+            JournalInner::Inline { .. } => Pending::Done(Ok(())),
+            JournalInner::Thread { tx } => {
+                let (ack, rx) = oneshot::channel();
+                if tx.send(Msg::Line(Vec::new(), ack)).is_err() {
+                    return Pending::Done(Err(io::Error::other("checkpoint writer stopped")));
+                }
+                Pending::Queued(rx)
+            }
+        }
     }
 
     /// Writes a snapshot of this state and empties the journal (call under the lock

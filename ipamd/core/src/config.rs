@@ -95,6 +95,26 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
             "false: ENIConfig custom networking is not supported by this daemon yet",
         ));
     }
+    // Features of upstream this daemon does not have: refused, never silently ignored.
+    if r.bool("ENABLE_POD_ENI", false)? {
+        return Err(r.err(
+            "ENABLE_POD_ENI",
+            "false: security groups for pods (branch ENIs) are not supported by this daemon",
+        ));
+    }
+    if let Some(m) = r.get("POD_SECURITY_GROUP_ENFORCING_MODE")
+        && !m.is_empty()
+        && !matches!(m.as_str(), "strict" | "standard")
+    {
+        return Err(r.err("POD_SECURITY_GROUP_ENFORCING_MODE", "strict or standard"));
+    }
+    if let Some(f) = r.get("AWS_VPC_K8S_CNI_LOG_FORMAT")
+        && !f.is_empty()
+        && !f.eq_ignore_ascii_case("json")
+        && !f.eq_ignore_ascii_case("text")
+    {
+        return Err(r.err("AWS_VPC_K8S_CNI_LOG_FORMAT", "json or text"));
+    }
     let randomize_snat = match r.string("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng").as_str() {
         "prng" => RandomizeSnat::Prng,
         "hashrandom" => RandomizeSnat::HashRandom,
@@ -140,6 +160,17 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
                     &format!("a JSON object of string tags ({e})"),
                 )
             })?;
+            // EC2's own limits on a tag: a key of 1 to 128 characters, a value of at most 256.
+            if let Some((k, v)) = tags.iter().find(|(k, v)| {
+                k.trim().is_empty() || k.chars().count() > 128 || v.chars().count() > 256
+            }) {
+                return Err(r.err(
+                    "ADDITIONAL_ENI_TAGS",
+                    &format!(
+                        "tags whose keys have 1 to 128 characters and values at most 256 ({k:?}: {v:?} has not)"
+                    ),
+                ));
+            }
             if let Some(k) = tags
                 .keys()
                 .find(|k| k.starts_with("k8s.amazonaws.com") || k.starts_with("aws:"))
@@ -152,6 +183,38 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
             tags
         }
     };
+    let backing_store = r.string(
+        "AWS_VPC_K8S_CNI_BACKING_STORE",
+        "/var/run/aws-node/ipam.json",
+    );
+    let socket_path = r.string("IPAMD_SOCKET", "/var/run/aws-node/ipamd.sock");
+    if socket_path == backing_store {
+        return Err(r.err(
+            "IPAMD_SOCKET",
+            "a path other than the checkpoint's (AWS_VPC_K8S_CNI_BACKING_STORE)",
+        ));
+    }
+    let introspection_bind_address = r.listen("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679")?;
+    let metrics_bind_address = r.listen("IPAMD_METRICS_BIND_ADDRESS", ":61678")?;
+    for (var, addr) in [
+        ("INTROSPECTION_BIND_ADDRESS", &introspection_bind_address),
+        ("IPAMD_METRICS_BIND_ADDRESS", &metrics_bind_address),
+    ] {
+        if let Some(p) = addr.strip_prefix("unix:")
+            && (p == socket_path || p == backing_store)
+        {
+            return Err(r.err(
+                var,
+                "a socket path other than ipamd's gRPC socket and its checkpoint",
+            ));
+        }
+    }
+    if introspection_bind_address == metrics_bind_address {
+        return Err(r.err(
+            "IPAMD_METRICS_BIND_ADDRESS",
+            "an address other than INTROSPECTION_BIND_ADDRESS",
+        ));
+    }
     Ok(Config {
         warm_eni_target: r.u32("WARM_ENI_TARGET", 1)?,
         warm_ip_target,
@@ -174,16 +237,13 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         cluster_name: r.string("CLUSTER_NAME", ""),
         additional_eni_tags,
         ec2_endpoint: r.get("AWS_EC2_ENDPOINT").filter(|s| !s.is_empty()),
-        backing_store: r.string(
-            "AWS_VPC_K8S_CNI_BACKING_STORE",
-            "/var/run/aws-node/ipam.json",
-        ),
+        backing_store,
         node_name: r.string("MY_NODE_NAME", ""),
         disable_introspection: r.bool("DISABLE_INTROSPECTION", false)?,
-        introspection_bind_address: r.listen("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679")?,
+        introspection_bind_address,
         disable_metrics: r.bool("DISABLE_METRICS", false)?,
-        metrics_bind_address: r.listen("IPAMD_METRICS_BIND_ADDRESS", ":61678")?,
-        socket_path: r.string("IPAMD_SOCKET", "/var/run/aws-node/ipamd.sock"),
+        metrics_bind_address,
+        socket_path,
         external_snat: r.bool("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?,
         randomize_snat,
         exclude_snat_cidrs: r.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")?,
@@ -375,6 +435,41 @@ mod tests {
             assert_eq!(e.var, var, "{e}");
             assert!(e.to_string().contains(var), "{e}");
         }
+    }
+
+    #[test]
+    fn unsupported_features_and_ill_formed_knobs_are_refused() {
+        for (var, val) in [
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "lax"),
+            ("AWS_VPC_K8S_CNI_LOG_FORMAT", "xml"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"":"x"}"#),
+            ("ADDITIONAL_ENI_TAGS", r#"{"  ":"x"}"#),
+        ] {
+            let e = cfg(&[(var, val)]).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+        }
+        let long = format!(r#"{{"{}":"x"}}"#, "k".repeat(129));
+        assert_eq!(
+            cfg(&[("ADDITIONAL_ENI_TAGS", &long)]).unwrap_err().var,
+            "ADDITIONAL_ENI_TAGS"
+        );
+        // The socket must not be the checkpoint (binding it would unlink the file).
+        let e = cfg(&[("IPAMD_SOCKET", "/var/run/aws-node/ipam.json")]).unwrap_err();
+        assert_eq!(e.var, "IPAMD_SOCKET", "{e}");
+        let e = cfg(&[(
+            "INTROSPECTION_BIND_ADDRESS",
+            "unix:/var/run/aws-node/ipamd.sock",
+        )])
+        .unwrap_err();
+        assert_eq!(e.var, "INTROSPECTION_BIND_ADDRESS", "{e}");
+        // What the manifest sets is accepted.
+        cfg(&[
+            ("ENABLE_POD_ENI", "false"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
+            ("AWS_VPC_K8S_CNI_LOG_FORMAT", "json"),
+        ])
+        .unwrap();
     }
 
     #[test]

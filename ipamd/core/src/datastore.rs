@@ -85,6 +85,10 @@ pub enum StoreError {
     InUse(String),
     #[error("{0} is already held by ENI {1}")]
     Duplicate(Ipv4Addr, EniId),
+    #[error("{0} is the primary address of ENI {1}, never a pod's")]
+    EniPrimary(Ipv4Addr, EniId),
+    #[error("{0} is assigned to a pod, but no ENI holds it yet")]
+    NotPlaced(String),
 }
 
 /// Free addresses with O(1) pop and O(1) removal of a given one.
@@ -140,6 +144,8 @@ pub struct Datastore {
     in_cooldown: u32,
     /// Assignments restored from a checkpoint whose address no ENI holds (yet).
     orphans: HashMap<SandboxKey, Assignment>,
+    /// Cooldowns restored for addresses no ENI holds (yet): applied when one does.
+    unplaced_cooldowns: HashMap<Ipv4Addr, u64>,
 }
 
 impl Datastore {
@@ -154,6 +160,7 @@ impl Datastore {
             cooldown_ns: cooldown.as_nanos() as u64,
             in_cooldown: 0,
             orphans: HashMap::new(),
+            unplaced_cooldowns: HashMap::new(),
         }
     }
 
@@ -191,7 +198,8 @@ impl Datastore {
         Some(ip)
     }
 
-    pub fn add_eni(&mut self, eni: Eni) {
+    /// Adds an ENI with the addresses it holds; returns those it refused (see `add_ips`).
+    pub fn add_eni(&mut self, eni: Eni) -> Vec<StoreError> {
         let id = eni.id.clone();
         let ips: Vec<_> = eni.ips.iter().copied().collect();
         let prefixes: Vec<_> = eni.prefixes.iter().copied().collect();
@@ -199,10 +207,13 @@ impl Datastore {
         bare.ips.clear();
         bare.prefixes.clear();
         self.enis.entry(id.clone()).or_insert(bare);
-        let _ = self.add_ips(&id, &ips);
+        let mut refused = self.add_ips(&id, &ips).unwrap_or_default();
         for p in prefixes {
-            let _ = self.add_prefix(&id, p);
+            if let Err(e) = self.add_prefix(&id, p) {
+                refused.push(e);
+            }
         }
+        refused
     }
 
     pub fn eni(&self, id: &str) -> Option<&Eni> {
@@ -220,6 +231,11 @@ impl Datastore {
     }
 
     fn insert_addr(&mut self, eni: &str, ip: Ipv4Addr) -> Result<(), StoreError> {
+        // EC2 (or an emulator, or IMDS) may list an ENI's own address among its
+        // secondaries: the node or the ENI answers on it, so no pod may ever get it.
+        if let Some(e) = self.enis.values().find(|e| e.primary_ip == ip) {
+            return Err(StoreError::EniPrimary(ip, e.id.clone()));
+        }
         if let Some((owner, _)) = self.addrs.get(&ip) {
             if owner == eni {
                 return Ok(());
@@ -246,6 +262,12 @@ impl Datastore {
                 ),
             );
             self.by_key.insert(k, ip);
+        } else if let Some(released_ns) = self.unplaced_cooldowns.remove(&ip) {
+            self.addrs
+                .insert(ip, (eni.to_string(), Slot::Cooldown { released_ns }));
+            self.in_cooldown += 1;
+            let pos = self.cooldown.partition_point(|(t, _)| *t <= released_ns);
+            self.cooldown.insert(pos, (released_ns, ip));
         } else {
             self.addrs.insert(ip, (eni.to_string(), Slot::Free));
             self.free_push(ip);
@@ -253,20 +275,47 @@ impl Datastore {
         Ok(())
     }
 
-    pub fn add_ips(&mut self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), StoreError> {
+    /// Adds secondary IPs to `eni`. An address that cannot be a pod's (another ENI holds
+    /// it, or it is an ENI's primary) is refused, and returned, without hiding the rest:
+    /// every other address is added. Err only for an unknown ENI.
+    pub fn add_ips(&mut self, eni: &str, ips: &[Ipv4Addr]) -> Result<Vec<StoreError>, StoreError> {
         if !self.enis.contains_key(eni) {
             return Err(StoreError::UnknownEni(eni.to_string()));
         }
+        let mut refused = Vec::new();
         for ip in ips {
-            self.insert_addr(eni, *ip)?;
-            self.enis.get_mut(eni).expect("checked").ips.insert(*ip);
+            match self.insert_addr(eni, *ip) {
+                Ok(()) => {
+                    self.enis.get_mut(eni).expect("checked").ips.insert(*ip);
+                }
+                Err(e) => refused.push(e),
+            }
         }
-        Ok(())
+        Ok(refused)
     }
 
+    /// Adds a /28. All or nothing: a prefix any of whose addresses another ENI holds, or
+    /// that holds an ENI's primary address, is refused whole.
     pub fn add_prefix(&mut self, eni: &str, prefix: Ipv4Net) -> Result<(), StoreError> {
         if !self.enis.contains_key(eni) {
             return Err(StoreError::UnknownEni(eni.to_string()));
+        }
+        if self
+            .enis
+            .get(eni)
+            .is_some_and(|e| e.prefixes.contains(&prefix))
+        {
+            return Ok(());
+        }
+        for ip in prefix.addresses() {
+            if let Some(e) = self.enis.values().find(|e| e.primary_ip == ip) {
+                return Err(StoreError::EniPrimary(ip, e.id.clone()));
+            }
+            if let Some((owner, _)) = self.addrs.get(&ip)
+                && owner != eni
+            {
+                return Err(StoreError::Duplicate(ip, owner.clone()));
+            }
         }
         for ip in prefix.addresses() {
             self.insert_addr(eni, ip)?;
@@ -392,6 +441,10 @@ impl Datastore {
         if let Some(a) = self.get(key) {
             return Ok((a, false));
         }
+        // Restored, but its ENI is not known yet: the same address once it is, never a new one.
+        if let Some(a) = self.orphans.get(key) {
+            return Err(StoreError::NotPlaced(a.ip.to_string()));
+        }
         self.promote_cooled(now_ns);
         let ip = self.free_pop().ok_or(StoreError::NoFreeAddress)?;
         let (_, slot) = self.addrs.get_mut(&ip).expect("free addresses are known");
@@ -446,6 +499,12 @@ impl Datastore {
 
     /// Restores a persisted cooldown (restart keeps released addresses out of use).
     pub fn restore_cooldown(&mut self, ip: Ipv4Addr, released_ns: u64) {
+        if !self.addrs.contains_key(&ip) {
+            if !self.orphans.values().any(|a| a.ip == ip) {
+                self.unplaced_cooldowns.insert(ip, released_ns);
+            }
+            return;
+        }
         if !matches!(self.addrs.get(&ip), Some((_, Slot::Free))) {
             return;
         }
@@ -477,7 +536,21 @@ impl Datastore {
                 Slot::Cooldown { released_ns } => Some((*ip, *released_ns)),
                 _ => None,
             })
+            .chain(self.unplaced_cooldowns.iter().map(|(ip, t)| (*ip, *t)))
             .collect()
+    }
+
+    /// Whether `ip` is held for a pod (assigned, restored on no ENI yet, or cooling down).
+    pub fn holds_for_a_pod(&self, ip: Ipv4Addr) -> bool {
+        matches!(
+            self.addrs.get(&ip),
+            Some((_, Slot::Assigned { .. } | Slot::Cooldown { .. }))
+        ) || self.orphans.values().any(|a| a.ip == ip)
+    }
+
+    /// Whether `ip` is on an ENI and free to assign now.
+    pub fn is_free(&self, ip: Ipv4Addr) -> bool {
+        matches!(self.addrs.get(&ip), Some((_, Slot::Free)))
     }
 
     pub fn orphan_count(&self) -> usize {
@@ -744,8 +817,70 @@ mod tests {
         d.add_eni(eni("eni-0", 0, &["10.0.0.1"]));
         d.add_eni(eni("eni-1", 1, &[]));
         assert!(matches!(
-            d.add_ips("eni-1", &["10.0.0.1".parse().unwrap()]),
-            Err(StoreError::Duplicate(..))
+            d.add_ips("eni-1", &["10.0.0.1".parse().unwrap()]).unwrap()[..],
+            [StoreError::Duplicate(..)]
         ));
+    }
+
+    #[test]
+    fn an_unusable_address_is_refused_without_hiding_the_rest() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1"]));
+        // EC2's answer lists eni-0's own address (10.0.0.100) and a duplicate first.
+        let refused = d.add_eni(eni(
+            "eni-1",
+            1,
+            &[
+                "10.0.0.1",
+                "10.0.0.100",
+                "10.0.0.101",
+                "10.0.0.2",
+                "10.0.0.3",
+            ],
+        ));
+        assert_eq!(
+            refused,
+            vec![
+                StoreError::Duplicate("10.0.0.1".parse().unwrap(), "eni-0".into()),
+                StoreError::EniPrimary("10.0.0.100".parse().unwrap(), "eni-0".into()),
+                StoreError::EniPrimary("10.0.0.101".parse().unwrap(), "eni-1".into()),
+            ]
+        );
+        assert_eq!(
+            d.counts(0),
+            (3, 0, 0, 3),
+            "10.0.0.1 (eni-0), .2 and .3 (eni-1)"
+        );
+        let mut got = Vec::new();
+        while let Ok((a, _)) = d.assign(&key(&format!("c{}", got.len())), &PodRef::default(), 0) {
+            got.push(a.ip.to_string());
+        }
+        got.sort();
+        assert_eq!(got, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        // A /28 holding an ENI's primary address is refused whole.
+        let p = crate::net::parse_cidr("10.0.0.96/28").unwrap();
+        assert!(matches!(
+            d.add_prefix("eni-1", p),
+            Err(StoreError::EniPrimary(..))
+        ));
+    }
+
+    #[test]
+    fn a_restored_pod_whose_eni_is_not_known_gets_no_new_address() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1"]));
+        d.restore(Assignment {
+            key: key("c1"),
+            ip: "10.0.0.9".parse().unwrap(),
+            eni: String::new(),
+            device_number: 0,
+            assigned_at_ns: 5,
+            pod: PodRef::default(),
+        });
+        assert_eq!(
+            d.assign(&key("c1"), &PodRef::default(), S),
+            Err(StoreError::NotPlaced("10.0.0.9".into()))
+        );
+        assert_eq!(d.counts(S).3, 1, "10.0.0.1 is still free");
     }
 }

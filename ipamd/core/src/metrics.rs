@@ -58,6 +58,9 @@ impl Histogram {
     }
 }
 
+/// DelNetwork reasons counted by name: upstream's plugin's and ours.
+pub const DEL_REASONS: [&str; 3] = ["PodDeleted", "SetupNSFailed", "aws-cni: ADD failed"];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// AddNetwork calls (awscni_add_ip_req_count).
@@ -86,7 +89,14 @@ fn bump(m: &Mutex<BTreeMap<String, u64>>, key: &str) {
 }
 
 impl Metrics {
+    /// Counts a DelNetwork by its reason. The reason comes from the client: a label with
+    /// any value would grow the series without bound, so unknown reasons count as `other`.
     pub fn del_request(&self, reason: &str) {
+        let reason = if DEL_REASONS.contains(&reason) {
+            reason
+        } else {
+            "other"
+        };
         bump(&self.del_ip_req, reason);
     }
     pub fn error(&self, func: &str) {
@@ -109,6 +119,19 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn del_reasons_are_a_bounded_label() {
+        let m = Metrics::default();
+        m.del_request("PodDeleted");
+        for i in 0..1000 {
+            m.del_request(&format!("reason-{i}"));
+        }
+        let r = m.del_requests();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r["PodDeleted"], 1);
+        assert_eq!(r["other"], 1000);
+    }
 
     #[test]
     fn histogram_is_cumulative_with_inf_last() {

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vpc_cni_proto::health::health_check_response::ServingStatus;
 use vpc_cni_proto::health::health_server::{Health, HealthServer};
 use vpc_cni_proto::health::{HealthCheckRequest, HealthCheckResponse};
@@ -176,10 +176,14 @@ impl Health for Service {
         if !svc.is_empty() && svc != vpc_cni_proto::HEALTH_SERVICE {
             return Err(Status::not_found(format!("unknown service {svc:?}")));
         }
-        let status = if self.node.can_serve() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        // SERVING whenever the API can be served: a full node is healthy (liveness and
+        // readiness probes ask this; a full pool must not restart aws-node).
+        let status = match self.node.health() {
+            Ok(()) => ServingStatus::Serving,
+            Err(why) => {
+                debug!("health: NOT_SERVING: {why}");
+                ServingStatus::NotServing
+            }
         };
         Ok(Response::new(HealthCheckResponse {
             status: status as i32,
@@ -193,6 +197,24 @@ impl Health for Service {
     }
 }
 
+/// Removes a socket left by an earlier run, so the path can be bound again; refuses to
+/// remove anything else (a regular file, a directory, a FIFO): that is someone's data.
+pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket: not removing it to listen there",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Binds the socket (replacing a stale one), sets mode 0660, and serves until `shutdown`.
 pub async fn serve_unix(
     node: Arc<Node>,
@@ -202,11 +224,7 @@ pub async fn serve_unix(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     info!("serving CNIBackend on {}", path.display());

@@ -91,7 +91,9 @@ impl Ipamd {
             .append(true)
             .open(self.dir.path().join("ipamd.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ipamd"))
+        // IPAMD_BIN: another build (an older commit's, to see a regression test fail on it).
+        let bin = std::env::var("IPAMD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ipamd").into());
+        let child = Command::new(bin)
             .env_clear()
             .envs(&self.env)
             .stdout(Stdio::null())

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
-use super::{Node, rfc3339, store_eni};
+use super::pool_loop::LinkWait;
+use super::{Identity, Node, rfc3339, store_eni};
 use crate::cloud::{CloudError, NewEni, SubnetInfo};
 use crate::pool::{Decision, Limits, Mode, PoolState};
 
@@ -73,7 +74,7 @@ impl Node {
             Some(a) => Some(a),
             None => self
                 .ec2
-                .instance_enis(&self.meta.instance_id)
+                .instance_enis(&self.known()?.meta.instance_id)
                 .await?
                 .into_iter()
                 .find(|e| e.id == eni_id)
@@ -104,10 +105,19 @@ impl Node {
         limits: Limits,
         short: u32,
     ) -> Result<String, CloudError> {
+        let inst = self.known()?;
         let per = limits.slots_per_eni();
         let (used, prefix_mode, fallback) = {
             let s = self.store.lock().unwrap();
-            let used: BTreeSet<u32> = s.enis().map(|e| e.device_number).collect();
+            let mut used: BTreeSet<u32> = s.enis().map(|e| e.device_number).collect();
+            used.extend(
+                self.pool
+                    .lock()
+                    .unwrap()
+                    .waiting_for_link
+                    .values()
+                    .map(|w| w.eni.device_number),
+            );
             let policy = self.policy(limits);
             (
                 used,
@@ -126,7 +136,7 @@ impl Node {
             (short.clamp(1, per), 0)
         };
         let mut tags = vec![
-            (TAG_INSTANCE_ID.to_string(), self.meta.instance_id.clone()),
+            (TAG_INSTANCE_ID.to_string(), inst.meta.instance_id.clone()),
             (TAG_CREATED_AT.to_string(), rfc3339(SystemTime::now())),
         ];
         if !self.cfg.cluster_name.is_empty() {
@@ -138,13 +148,13 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
-        let subnet = self.subnet_for_new_eni().await;
+        let subnet = self.subnet_for_new_eni(inst).await;
         let created = self
             .ec2
             .create_eni(&NewEni {
                 subnet_id: subnet.id.clone(),
-                security_groups: self.primary_sgs.clone(),
-                description: format!("aws-K8S-{}", self.meta.instance_id),
+                security_groups: inst.primary_sgs.clone(),
+                description: format!("aws-K8S-{}", inst.meta.instance_id),
                 tags,
                 secondary_ips: secondary,
                 prefixes,
@@ -152,7 +162,7 @@ impl Node {
             .await?;
         let attachment = match self
             .ec2
-            .attach_eni(&created.id, &self.meta.instance_id, device)
+            .attach_eni(&created.id, &inst.meta.instance_id, device)
             .await
         {
             Ok(a) => a,
@@ -186,36 +196,78 @@ impl Node {
             .setup_eni(&self.eni_net(&eni), self.timing.eni_link_wait)
             .await
         {
-            return Err(CloudError::new(
-                "HostNetwork",
-                "EniSetup",
-                format!("{id} is attached but its host side is not ready (reconcile retries): {e}"),
-            ));
+            // Kept, not attached again: it counts as an ENI at its device, its addresses
+            // wait for the link, and no other ENI is attached meanwhile.
+            self.metrics.error("eniLinkMissing");
+            warn!(
+                "{id} is attached at device {device} but its link (MAC {}) has not appeared on the host within {:?}: waiting for it ({e})",
+                eni.mac, self.timing.eni_link_wait
+            );
+            self.pool.lock().unwrap().waiting_for_link.insert(
+                id.clone(),
+                LinkWait {
+                    eni,
+                    since: Instant::now(),
+                },
+            );
+            return Ok(format!("attached {id}; waiting for its link"));
         }
-        self.store.lock().unwrap().add_eni(eni);
+        let refused = self.store.lock().unwrap().add_eni(eni);
+        self.note_refused(&id, &refused, true);
         info!(
             "attached {id} at device {device} with {} IPs, {} prefixes",
             info.secondary_ips.len(),
             info.prefixes.len()
         );
-        Ok(id)
+        Ok(format!("attached {id}"))
+    }
+
+    /// ENIs whose link had not appeared: ready now? Their addresses go to pods then.
+    pub(super) async fn retry_waiting_links(&self) {
+        let waiting: Vec<LinkWait> = {
+            let rt = self.pool.lock().unwrap();
+            rt.waiting_for_link.values().cloned().collect()
+        };
+        for w in waiting {
+            let id = w.eni.id.clone();
+            // A reconcile may have found it ready first.
+            let known = self.store.lock().unwrap().eni(&id).is_some();
+            if !known {
+                if self
+                    .host
+                    .setup_eni(&self.eni_net(&w.eni), Duration::ZERO)
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                let refused = self.store.lock().unwrap().add_eni(w.eni);
+                self.note_refused(&id, &refused, true);
+                info!(
+                    "the link of {id} appeared after {:?}: its addresses are served",
+                    w.since.elapsed()
+                );
+            }
+            self.pool.lock().unwrap().waiting_for_link.remove(&id);
+            self.addresses_added.notify_waiters();
+        }
     }
 
     /// Subnet discovery: the subnet tagged kubernetes.io/role/cni in this VPC and AZ with
     /// the most free addresses (the primary ENI's subnet competes too); without the knob,
     /// or when EC2 cannot say, the primary ENI's subnet.
-    async fn subnet_for_new_eni(&self) -> SubnetInfo {
+    async fn subnet_for_new_eni(&self, id: &Identity) -> SubnetInfo {
         let primary = SubnetInfo {
-            id: self.primary_subnet.clone(),
-            cidr: self.primary_subnet_cidr,
-            availability_zone: self.meta.availability_zone.clone(),
+            id: id.primary_subnet.clone(),
+            cidr: id.primary_subnet_cidr,
+            availability_zone: id.meta.availability_zone.clone(),
             available_addresses: 0,
         };
-        if !self.cfg.enable_subnet_discovery || self.vpc_id.is_empty() {
+        if !self.cfg.enable_subnet_discovery || id.vpc_id.is_empty() {
             return primary;
         }
-        match self.ec2.cni_subnets(&self.vpc_id).await {
-            Ok(subnets) => pick_subnet(&subnets, &self.meta.availability_zone, primary),
+        match self.ec2.cni_subnets(&id.vpc_id).await {
+            Ok(subnets) => pick_subnet(&subnets, &id.meta.availability_zone, primary),
             Err(e) => {
                 warn!("subnet discovery failed, using the primary ENI's subnet: {e}");
                 primary

@@ -20,16 +20,16 @@ mod startup;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::{Journal, Pending};
-use crate::cloud::{Ec2, EniInfo, Imds, InstanceMeta};
-use crate::config::Config;
-use crate::datastore::{Assignment, Datastore, Eni, SandboxKey};
+use crate::cloud::{CloudError, Ec2, EniInfo, Imds};
+use crate::config::{Config, ConfigError};
+use crate::datastore::{Assignment, Datastore, Eni, SandboxKey, StoreError};
 use crate::hostnet::{EniNet, HostNetwork, NodeNet};
 use crate::metrics::Metrics;
 use crate::net::Ipv4Net;
@@ -40,7 +40,7 @@ pub use cordon::Schedule;
 pub use enis::{TAG_CLUSTER, TAG_CREATED_AT, TAG_INSTANCE_ID, pick_subnet};
 pub use pool_loop::DecisionRecord;
 pub use serving::AddOutcome;
-pub use startup::{RECOVERED_PREFIX, StartError};
+pub use startup::{Identity, RECOVERED_PREFIX, StartError};
 pub use vpc_cni_proto::host_veth_name;
 
 /// Pacing. Defaults are upstream's; tests shorten them.
@@ -64,6 +64,8 @@ pub struct Timing {
     /// With the Kubernetes API watched, how long ENIs are left alone at start-up while the
     /// first answer on whether the node is cordoned is awaited (then: as if schedulable).
     pub schedule_wait: Duration,
+    /// How long the daemon retries IMDS at start-up before it gives up (and exits).
+    pub imds_wait: Duration,
 }
 
 impl Default for Timing {
@@ -82,8 +84,87 @@ impl Default for Timing {
             eni_link_wait: Duration::from_secs(60),
             reclaim_after: Duration::from_secs(60),
             schedule_wait: Duration::from_secs(10),
+            imds_wait: Duration::from_secs(120),
         }
     }
+}
+
+/// The pacing knobs beyond upstream's (`IPAMD_*_MS`), each with a floor: a pool loop
+/// or a reconcile at 0 ms would spin on EC2 describes.
+pub fn timing_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Timing, ConfigError> {
+    let mut t = Timing::default();
+    let ms = |var: &str, floor_ms: u64, zero_ok: bool, into: &mut Duration| {
+        let Some(v) = get(var).filter(|v| !v.trim().is_empty()) else {
+            return Ok(());
+        };
+        let bad = |expected: String| ConfigError {
+            var: var.to_string(),
+            value: v.clone(),
+            expected,
+        };
+        let n: u64 = v
+            .trim()
+            .parse()
+            .map_err(|_| bad("a number of milliseconds".into()))?;
+        if n < floor_ms && !(zero_ok && n == 0) {
+            return Err(bad(format!(
+                "at least {floor_ms} ms{}",
+                if zero_ok { " (or 0: off)" } else { "" }
+            )));
+        }
+        *into = Duration::from_millis(n);
+        Ok(())
+    };
+    ms("IPAMD_POOL_INTERVAL_MS", 100, false, &mut t.pool_interval)?;
+    ms(
+        "IPAMD_SHRINK_INTERVAL_MS",
+        100,
+        false,
+        &mut t.shrink_interval,
+    )?;
+    ms("IPAMD_ENI_MIN_AGE_MS", 0, true, &mut t.eni_min_age)?;
+    ms(
+        "IPAMD_RECONCILE_INTERVAL_MS",
+        1000,
+        false,
+        &mut t.reconcile_interval,
+    )?;
+    ms(
+        "IPAMD_SUBNET_FULL_BACKOFF_MS",
+        1000,
+        false,
+        &mut t.subnet_full_backoff,
+    )?;
+    ms(
+        "IPAMD_LEAKED_ENI_SWEEP_MS",
+        10_000,
+        false,
+        &mut t.leaked_sweep_interval,
+    )?;
+    ms(
+        "IPAMD_LEAKED_ENI_MIN_AGE_MS",
+        0,
+        true,
+        &mut t.leaked_min_age,
+    )?;
+    ms("IPAMD_ENI_LINK_WAIT_MS", 0, true, &mut t.eni_link_wait)?;
+    ms("IPAMD_RECLAIM_AFTER_MS", 1000, true, &mut t.reclaim_after)?;
+    ms("IPAMD_SCHEDULE_WAIT_MS", 0, true, &mut t.schedule_wait)?;
+    ms("IPAMD_IMDS_WAIT_MS", 0, true, &mut t.imds_wait)?;
+    if let Some(v) = get("IPAMD_CHECKPOINT_FSYNC") {
+        t.checkpoint_fsync = match v.as_str() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(ConfigError {
+                    var: "IPAMD_CHECKPOINT_FSYNC".into(),
+                    value: v,
+                    expected: "true or false".into(),
+                });
+            }
+        };
+    }
+    Ok(t)
 }
 
 /// The datastore as copied at one instant.
@@ -105,17 +186,16 @@ pub struct StoreView {
 
 pub struct Node {
     pub cfg: Config,
-    pub meta: InstanceMeta,
+    /// The instance as IMDS describes it: known once IMDS has answered (`learn_instance`).
+    identity: OnceLock<Identity>,
     vpc_cidrs: RwLock<Vec<Ipv4Net>>,
     imds: Arc<dyn Imds>,
     host: Arc<dyn HostNetwork>,
-    primary_subnet: String,
-    primary_subnet_cidr: Ipv4Net,
-    vpc_id: String,
-    primary_sgs: Vec<String>,
     store: Mutex<Datastore>,
     journal: Journal,
     ops_since_compact: AtomicU64,
+    /// Why the last checkpoint write failed, until one succeeds (health says NOT_SERVING).
+    checkpoint_fault: Mutex<Option<String>>,
     ec2: Arc<dyn Ec2>,
     limits: RwLock<Option<Limits>>,
     /// Wakes the pool loop: a pod waits, or the policy has work after a change.
@@ -156,14 +236,31 @@ impl Node {
         self.vpc_cidrs.read().unwrap().clone()
     }
 
-    /// The node-wide host state these knobs and this VPC call for.
-    pub fn node_net(&self) -> NodeNet {
-        NodeNet::new(
+    /// The instance, once IMDS has answered.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.get()
+    }
+
+    /// The instance, for work that needs it (EC2 calls): an error before IMDS answered.
+    pub(super) fn known(&self) -> Result<&Identity, CloudError> {
+        self.identity().ok_or_else(|| {
+            CloudError::new(
+                "ipamd",
+                "InstanceNotKnown",
+                "the instance metadata (IMDS) has not described the node yet",
+            )
+        })
+    }
+
+    /// The node-wide host state these knobs and this VPC call for (once the instance is known).
+    pub fn node_net(&self) -> Option<NodeNet> {
+        let id = self.identity()?;
+        Some(NodeNet::new(
             &self.cfg,
-            &self.meta.primary_mac,
-            self.meta.primary_ip,
+            &id.meta.primary_mac,
+            id.meta.primary_ip,
             &self.vpc_cidrs(),
-        )
+        ))
     }
 
     pub(super) fn eni_net(&self, e: &Eni) -> EniNet {
@@ -180,7 +277,10 @@ impl Node {
     /// Converges the host: the node-wide rules and iptables, then every secondary ENI
     /// in the datastore (repairing whatever someone changed since).
     pub async fn converge_host(&self) {
-        if let Err(e) = self.host.setup_node(&self.node_net()).await {
+        let Some(node_net) = self.node_net() else {
+            return;
+        };
+        if let Err(e) = self.host.setup_node(&node_net).await {
             self.metrics.error("setupHostNetworkFailed");
             error!("host network setup: {e}");
         }
@@ -219,7 +319,38 @@ impl Node {
             let s = self.store.lock().unwrap();
             self.journal.compact(s.assignments(), s.cooldowns())
         };
-        p.durable().await
+        self.checkpointed(p.durable().await)
+    }
+
+    /// Notes how a checkpoint write went: a failure makes health NOT_SERVING (an answer
+    /// that cannot be made durable must not be given) until a write succeeds again.
+    pub(super) fn checkpointed(&self, r: std::io::Result<()>) -> std::io::Result<()> {
+        let mut fault = self.checkpoint_fault.lock().unwrap();
+        match &r {
+            Ok(()) => {
+                if fault.take().is_some() {
+                    info!(
+                        "checkpoint {} is writable again",
+                        self.checkpoint_path.display()
+                    );
+                }
+            }
+            Err(e) => {
+                if fault.is_none() {
+                    error!(
+                        "checkpoint {} cannot be written: {e}",
+                        self.checkpoint_path.display()
+                    );
+                }
+                *fault = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    /// Why the checkpoint cannot be written now, if it cannot.
+    pub fn checkpoint_fault(&self) -> Option<String> {
+        self.checkpoint_fault.lock().unwrap().clone()
     }
 
     /// Releases every assignment `stale` picks and records each release in the journal
@@ -240,6 +371,19 @@ impl Node {
             .filter_map(|k| s.release(k, now))
             .map(|a| (self.journal.record_del(&a, now), a))
             .collect()
+    }
+
+    /// Logs (and counts) addresses EC2 or IMDS listed for an ENI that no pod may get: an
+    /// ENI's own primary address, or one another ENI holds. `loud`: new from EC2 just now.
+    pub(super) fn note_refused(&self, eni: &str, refused: &[StoreError], loud: bool) {
+        for e in refused {
+            if loud {
+                self.metrics.error("addressRefused");
+                warn!("{eni}: not handed to pods: {e}");
+            } else {
+                debug!("{eni}: not handed to pods: {e}");
+            }
+        }
     }
 
     pub fn assignments(&self) -> Vec<Assignment> {

@@ -2,6 +2,7 @@
 //! next and carries it out one step at a time: assign addresses to an ENI, release them,
 //! or hand attaching and freeing ENIs to `enis`. Every decision is recorded with its outcome.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,7 +31,49 @@ pub(super) struct LoopState {
     pub(super) subnet_full_until: Option<Instant>,
     pub(super) prefix_fallback: bool,
     pub(super) decisions: Vec<DecisionRecord>,
+    /// ENIs EC2 refuses more addresses for although ipamd counts room on them (a view
+    /// that a reconcile did not change): not asked again before the time, doubling.
+    pub(super) eni_backoff: BTreeMap<String, Backoff>,
+    /// After a failed attach, no other before the time (doubling).
+    pub(super) attach_backoff: Option<Backoff>,
+    /// ENIs attached whose link has not appeared on the host yet: they count as ENIs
+    /// (no second attach at their device, none while they wait) but give no addresses.
+    pub(super) waiting_for_link: BTreeMap<String, LinkWait>,
 }
+
+/// Not before `until`; the next wait is `next`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub until: Instant,
+    pub next: Duration,
+}
+
+impl Backoff {
+    /// After one more failure: from `first`, doubling up to `max`.
+    pub(super) fn after(prev: Option<Backoff>, first: Duration, max: Duration) -> Backoff {
+        let wait = prev.map(|b| b.next).unwrap_or(first);
+        Backoff {
+            until: Instant::now() + wait,
+            next: (wait * 2).min(max),
+        }
+    }
+
+    pub fn active(&self) -> bool {
+        Instant::now() < self.until
+    }
+}
+
+/// An attached ENI whose link is awaited on the host.
+#[derive(Debug, Clone)]
+pub struct LinkWait {
+    pub eni: Eni,
+    pub since: Instant,
+}
+
+/// First and longest waits before asking EC2 again for addresses on an ENI it refused.
+const ENI_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
+/// First and longest waits before another attach after a failed one.
+const ATTACH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(120));
 
 impl Node {
     pub fn decisions(&self) -> Vec<DecisionRecord> {
@@ -64,16 +107,32 @@ impl Node {
 
     pub fn pool_state(&self, limits: Limits) -> PoolState {
         let mut s = self.store.lock().unwrap();
-        Self::pool_state_of(&mut s, limits)
+        self.pool_state_of(&mut s, limits)
     }
 
-    fn pool_state_of(s: &mut Datastore, limits: Limits) -> PoolState {
+    /// The policy's view of the datastore: an ENI EC2 refuses addresses for (backed off)
+    /// offers no free slot, and an ENI waiting for its link counts as an ENI with none.
+    /// (Lock order: the datastore, then the loop's state.)
+    fn pool_state_of(&self, s: &mut Datastore, limits: Limits) -> PoolState {
         let (total, assigned, cooldown, _) = s.counts(now_ns());
+        let (refused, waiting): (Vec<String>, u32) = {
+            let rt = self.pool.lock().unwrap();
+            (
+                rt.eni_backoff
+                    .iter()
+                    .filter(|(_, b)| b.active())
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+                rt.waiting_for_link.len() as u32,
+            )
+        };
         let per = limits.slots_per_eni();
-        let (mut enis, mut free_slots, mut prefixes) = (0, 0, 0);
+        let (mut enis, mut free_slots, mut prefixes) = (waiting, 0, 0);
         for e in s.enis() {
             enis += 1;
-            free_slots += per.saturating_sub(e.slots_used());
+            if !refused.contains(&e.id) {
+                free_slots += per.saturating_sub(e.slots_used());
+            }
             prefixes += e.prefixes.len() as u32;
         }
         PoolState {
@@ -90,19 +149,56 @@ impl Node {
     /// call would put its work on the path of every AddNetwork.)
     pub(super) fn pool_has_work(&self, s: &mut Datastore) -> bool {
         match self.limits() {
-            Some(l) => self.policy(l).decide(&Self::pool_state_of(s, l)) != Decision::Steady,
+            Some(l) => self.policy(l).decide(&self.pool_state_of(s, l)) != Decision::Steady,
             None => true,
         }
     }
 
-    /// The pool loop. Runs until the task is dropped.
+    /// No address is free and the pool cannot grow (max pods, MAX_ENI, the instance's
+    /// ENI and address limits): a full node. Not a failure: health stays SERVING.
+    pub fn pool_exhausted(&self) -> bool {
+        let Some(l) = self.limits() else {
+            return false;
+        };
+        let mut s = self.store.lock().unwrap();
+        s.counts(now_ns()).3 == 0
+            && self.policy(l).decide(&self.pool_state_of(&mut s, l)) == Decision::AtCapacity
+    }
+
+    /// ENIs EC2 refuses addresses for, and until when (for introspection).
+    pub fn eni_backoffs(&self) -> Vec<(String, Backoff)> {
+        let rt = self.pool.lock().unwrap();
+        rt.eni_backoff
+            .iter()
+            .filter(|(_, b)| b.active())
+            .map(|(id, b)| (id.clone(), *b))
+            .collect()
+    }
+
+    /// ENIs attached and waiting for their link on the host: (ENI, device, since).
+    pub fn waiting_for_link(&self) -> Vec<(String, u32, Instant)> {
+        let rt = self.pool.lock().unwrap();
+        rt.waiting_for_link
+            .values()
+            .map(|w| (w.eni.id.clone(), w.eni.device_number, w.since))
+            .collect()
+    }
+
+    /// The pool loop: starts once the instance is known (`learn_instance`), runs until
+    /// the task is dropped.
     pub async fn run_pool(self: Arc<Self>) {
+        let inst = loop {
+            if let Some(i) = self.identity() {
+                break i;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         self.converge_host().await;
         loop {
             if self.limits().is_none() {
                 match self
                     .ec2
-                    .instance_type_limits(&self.meta.instance_type)
+                    .instance_type_limits(&inst.meta.instance_type)
                     .await
                 {
                     Ok(l) => {
@@ -110,7 +206,7 @@ impl Node {
                             ?l,
                             max_pods = l.max_pods(),
                             "limits of {}",
-                            self.meta.instance_type
+                            inst.meta.instance_type
                         );
                         *self.limits.write().unwrap() = Some(l);
                         self.reconcile().await;
@@ -171,6 +267,7 @@ impl Node {
         if self.cfg.disable_network_resource_provisioning {
             return false;
         }
+        self.retry_waiting_links().await;
         let policy = self.policy(limits);
         let state = self.pool_state(limits);
         let mut decision = policy.decide(&state);
@@ -230,14 +327,21 @@ impl Node {
                 }
                 let fallback = self.pool.lock().unwrap().prefix_fallback;
                 let per = limits.slots_per_eni();
-                // Fill an existing ENI (lowest device number first) before attaching one.
+                let refused: Vec<String> =
+                    self.eni_backoffs().into_iter().map(|(id, _)| id).collect();
+                // Fill an existing ENI (lowest device number first) before attaching one;
+                // not one EC2 keeps refusing: the others are not hidden behind it.
                 let target = {
                     let s = self.store.lock().unwrap();
-                    let mut enis: Vec<&Eni> = s.enis().filter(|e| e.slots_used() < per).collect();
+                    let mut enis: Vec<&Eni> = s
+                        .enis()
+                        .filter(|e| e.slots_used() < per && !refused.contains(&e.id))
+                        .collect();
                     enis.sort_by_key(|e| e.device_number);
-                    enis.first().map(|e| (e.id.clone(), per - e.slots_used()))
+                    enis.first()
+                        .map(|e| (e.id.clone(), per - e.slots_used(), e.slots_used()))
                 };
-                let Some((eni, room)) = target else {
+                let Some((eni, room, slots_before)) = target else {
                     return false;
                 };
                 let result = if prefix_mode && !fallback {
@@ -257,15 +361,16 @@ impl Node {
                     Ok((ips, prefixes)) => {
                         {
                             let mut s = self.store.lock().unwrap();
-                            if let Err(e) = s.add_ips(&eni, &ips) {
-                                warn!("adding {ips:?} to {eni}: {e}");
-                            }
+                            let mut refused = s.add_ips(&eni, &ips).unwrap_or_else(|e| vec![e]);
                             for p in &prefixes {
                                 if let Err(e) = s.add_prefix(&eni, *p) {
-                                    warn!("adding {p} to {eni}: {e}");
+                                    refused.push(e);
                                 }
                             }
+                            drop(s);
+                            self.note_refused(&eni, &refused, true);
                         }
+                        self.pool.lock().unwrap().eni_backoff.remove(&eni);
                         self.addresses_added.notify_waiters();
                         self.record_decision(
                             state,
@@ -292,9 +397,34 @@ impl Node {
                         false
                     }
                     Err(e) if e.code == "PrivateIpAddressLimitExceeded" => {
-                        // Our view of the ENI was stale: learn the truth from EC2.
+                        // Our view of the ENI may be stale: learn the truth from EC2. If that
+                        // changes nothing, EC2 and ipamd disagree about this ENI: back off it
+                        // (doubling) instead of asking again at once, pass after pass.
                         warn!("{e}; reconciling");
                         self.reconcile().await;
+                        let slots_now =
+                            self.store.lock().unwrap().eni(&eni).map(|e| e.slots_used());
+                        if slots_now.is_some_and(|n| n > slots_before) {
+                            return true;
+                        }
+                        let b = {
+                            let mut rt = self.pool.lock().unwrap();
+                            let prev = rt.eni_backoff.get(&eni).copied();
+                            let b = Backoff::after(prev, ENI_BACKOFF.0, ENI_BACKOFF.1);
+                            rt.eni_backoff.insert(eni.clone(), b);
+                            b
+                        };
+                        self.metrics.error("increaseIPPoolAddressLimitExceeded");
+                        let wait = b.until.saturating_duration_since(Instant::now());
+                        warn!(
+                            "EC2 refuses more addresses on {eni} although ipamd counts {room} free slots there, and a reconcile did not explain it: not asking again for {wait:?}"
+                        );
+                        self.record_decision(
+                            state,
+                            &decision,
+                            format!("{eni} refused by EC2 ({}): backing off {wait:?}", e.code),
+                        );
+                        // Other ENIs (or a new one) may still serve: decide again.
                         true
                     }
                     Err(e) => {
@@ -311,6 +441,26 @@ impl Node {
                 {
                     return false;
                 }
+                let held = {
+                    let rt = self.pool.lock().unwrap();
+                    if let Some(w) = rt.waiting_for_link.values().next() {
+                        Some(format!(
+                            "held: {} (device {}) is attached and waiting for its link",
+                            w.eni.id, w.eni.device_number
+                        ))
+                    } else {
+                        rt.attach_backoff.filter(Backoff::active).map(|b| {
+                            format!(
+                                "held: backing off {:?} after a failed attach",
+                                b.until.saturating_duration_since(Instant::now())
+                            )
+                        })
+                    }
+                };
+                if let Some(why) = held {
+                    self.record_decision(state, &decision, why);
+                    return false;
+                }
                 if self.attaching.swap(true, Ordering::SeqCst) {
                     return false;
                 }
@@ -320,22 +470,31 @@ impl Node {
                     let r = me.attach_new_eni(limits, short).await;
                     me.attaching.store(false, Ordering::SeqCst);
                     match r {
-                        Ok(id) => {
-                            me.record_decision(
-                                state,
-                                &Decision::AttachEni,
-                                format!("attached {id}"),
-                            );
+                        Ok(outcome) => {
+                            me.pool.lock().unwrap().attach_backoff = None;
+                            me.record_decision(state, &Decision::AttachEni, outcome);
                             me.addresses_added.notify_waiters();
                             me.wake_pool.notify_one();
                         }
                         Err(e) => {
-                            if e.is_subnet_full() {
-                                me.pool.lock().unwrap().subnet_full_until =
-                                    Some(Instant::now() + me.timing.subnet_full_backoff);
-                            }
+                            let wait = {
+                                let mut rt = me.pool.lock().unwrap();
+                                if e.is_subnet_full() {
+                                    rt.subnet_full_until =
+                                        Some(Instant::now() + me.timing.subnet_full_backoff);
+                                }
+                                let b = Backoff::after(
+                                    rt.attach_backoff,
+                                    ATTACH_BACKOFF.0,
+                                    ATTACH_BACKOFF.1,
+                                );
+                                rt.attach_backoff = Some(b);
+                                b.until.saturating_duration_since(Instant::now())
+                            };
                             me.metrics.error("increaseIPPoolAllocENI");
-                            warn!("attaching an ENI failed: {e}");
+                            warn!(
+                                "attaching an ENI failed, next attempt in {wait:?} at the earliest: {e}"
+                            );
                             me.record_decision(state, &Decision::AttachEni, e.to_string());
                         }
                     }

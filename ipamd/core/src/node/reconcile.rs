@@ -61,7 +61,10 @@ impl Node {
                 })
                 .collect()
         };
-        let enis = match self.ec2.instance_enis(&self.meta.instance_id).await {
+        let Some(inst) = self.identity() else {
+            return;
+        };
+        let enis = match self.ec2.instance_enis(&inst.meta.instance_id).await {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.error("nodeIPPoolReconcileDescribeFailed");
@@ -73,7 +76,7 @@ impl Node {
         // IMDS knows what EC2's describe lacks: subnet CIDRs, and the VPC's CIDRs.
         let imds_enis = self.imds.enis().await.unwrap_or_default();
         let t_imds = t0.elapsed();
-        if let Some(p) = imds_enis.iter().find(|e| e.mac == self.meta.primary_mac)
+        if let Some(p) = imds_enis.iter().find(|e| e.mac == inst.meta.primary_mac)
             && !p.vpc_cidrs.is_empty()
             && self.vpc_cidrs() != p.vpc_cidrs
         {
@@ -95,8 +98,8 @@ impl Node {
         for mut e in unknown {
             if let Some(i) = imds_enis.iter().find(|i| i.mac == e.mac) {
                 e.subnet_cidr = i.subnet_cidr;
-            } else if e.subnet_id == self.primary_subnet {
-                e.subnet_cidr = self.primary_subnet_cidr;
+            } else if e.subnet_id == inst.primary_subnet {
+                e.subnet_cidr = inst.primary_subnet_cidr;
             }
             let eni = store_eni(&e, e.device_number == 0);
             if !eni.is_primary {
@@ -115,20 +118,29 @@ impl Node {
             }
             ready.push(eni);
         }
+        let mut refused = Vec::new();
         {
             let mut s = self.store.lock().unwrap();
             for eni in ready {
-                s.add_eni(eni);
+                let id = eni.id.clone();
+                refused.push((id, s.add_eni(eni)));
             }
             for e in &enis {
                 if s.eni(&e.id).is_some() {
                     s.set_attachment(&e.id, e.attachment_id.clone());
-                    let _ = s.add_ips(&e.id, &e.secondary_ips);
+                    let mut r = s.add_ips(&e.id, &e.secondary_ips).unwrap_or_default();
                     for p in &e.prefixes {
-                        let _ = s.add_prefix(&e.id, *p);
+                        if let Err(err) = s.add_prefix(&e.id, *p) {
+                            r.push(err);
+                        }
                     }
+                    refused.push((e.id.clone(), r));
                 }
             }
+        }
+        // Every describe repeats what EC2 lists: said once at start-up or when new, then quiet.
+        for (id, r) in refused {
+            self.note_refused(&id, &r, false);
         }
         self.force_remove(&before, &enis).await;
         self.reconciler.lock().unwrap().last_reconcile = Some(Instant::now());
@@ -290,9 +302,12 @@ impl Node {
     /// Deletes ENIs this instance created that are left unattached (a crash between
     /// create and attach, or detach and delete): older than the minimum age.
     pub async fn sweep_leaked_enis(&self) -> usize {
+        let Some(inst) = self.identity() else {
+            return 0;
+        };
         let enis = match self
             .ec2
-            .unattached_enis_tagged(TAG_INSTANCE_ID, &self.meta.instance_id)
+            .unattached_enis_tagged(TAG_INSTANCE_ID, &inst.meta.instance_id)
             .await
         {
             Ok(e) => e,

@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Node, RECOVERED_PREFIX, host_veth_name, now_ns};
+use super::{Node, RECOVERED_PREFIX, now_ns};
 use crate::datastore::{Assignment, PodRef, SandboxKey};
-use crate::pool::Decision;
+use vpc_cni_proto::pod_veth_name;
 
 pub enum AddOutcome {
     Assigned(Assignment),
@@ -53,7 +53,7 @@ impl Node {
                 }
             };
             if let Some((pending, a, new, wake)) = got {
-                if let Err(e) = pending.durable().await {
+                if let Err(e) = self.checkpointed(pending.durable().await) {
                     if new {
                         self.store.lock().unwrap().release(&key, now_ns());
                     }
@@ -80,7 +80,7 @@ impl Node {
     }
 
     pub async fn del(&self, key: SandboxKey, pod: &PodRef) -> std::io::Result<Option<Assignment>> {
-        let got = {
+        let (pending, released, wake) = {
             let mut s = self.store.lock().unwrap();
             let now = now_ns();
             let released = s.release(&key, now).or_else(|| {
@@ -88,7 +88,12 @@ impl Node {
                 if pod.name.is_empty() {
                     return None;
                 }
-                let veth = host_veth_name(&self.cfg.veth_prefix, &pod.namespace, &pod.name);
+                let veth = pod_veth_name(
+                    &self.cfg.veth_prefix,
+                    &pod.namespace,
+                    &pod.name,
+                    &key.if_name,
+                );
                 s.release(
                     &SandboxKey {
                         network: key.network.clone(),
@@ -99,12 +104,18 @@ impl Node {
                 )
             });
             let wake = self.pool_has_work(&mut s);
-            released.map(|a| (self.journal.record_del(&a, now), a, wake))
+            match &released {
+                Some(a) => (self.journal.record_del(a, now), released, wake),
+                // Nothing held: a concurrent DelNetwork may have released it a moment ago,
+                // its line not yet durable. "Released" is answered only once it is: after
+                // every line queued before this one.
+                None => (self.journal.barrier(), None, false),
+            }
         };
-        let Some((pending, a, wake)) = got else {
+        self.checkpointed(pending.durable().await)?;
+        let Some(a) = released else {
             return Ok(None);
         };
-        pending.durable().await?;
         self.compact_every_n_ops();
         if wake {
             self.wake_pool.notify_one();
@@ -124,22 +135,27 @@ impl Node {
         });
         let mut out = Vec::new();
         for (p, a) in pending {
-            p.durable().await?;
+            self.checkpointed(p.durable().await)?;
             out.push(a);
         }
         self.wake_pool.notify_one();
         Ok(out)
     }
 
-    /// Can an AddNetwork be answered now, or soon by growing the pool? (health)
-    pub fn can_serve(&self) -> bool {
-        let free = self.store.lock().unwrap().counts(now_ns()).3;
-        if free > 0 {
-            return true;
+    /// Whether ipamd can serve its API (gRPC health): `Err` says why not. Only while the
+    /// instance is not known yet (IMDS has not answered) or the checkpoint cannot be
+    /// written. A node with no free address is healthy: that is a full node, its normal
+    /// state at max pods (`/v1/pool`, `awscni_pool_exhausted` and AddNetwork's answer say so).
+    pub fn health(&self) -> Result<(), String> {
+        if self.identity().is_none() {
+            return Err("waiting for the instance metadata (IMDS) to describe the node".into());
         }
-        match self.limits() {
-            Some(l) => self.policy(l).decide(&self.pool_state(l)) != Decision::AtCapacity,
-            None => true,
+        if let Some(f) = self.checkpoint_fault() {
+            return Err(format!(
+                "checkpoint {} cannot be written: {f}",
+                self.checkpoint_path.display()
+            ));
         }
+        Ok(())
     }
 }

@@ -1,11 +1,15 @@
-//! How ipamd starts: the instance from IMDS, the assignments from the checkpoint (or,
-//! when it is unusable, from the host's pod routes), one fresh snapshot; no EC2 call, so
-//! pods are served before EC2 answers.
+//! How ipamd starts. `restore` needs neither IMDS nor EC2: the assignments come from the
+//! checkpoint (an unusable one is set aside, never crash-looped on) joined with every pod
+//! route on the host, so no address a live pod holds is ever handed out again, whatever
+//! happened to the file. `learn_instance` then reads the instance and its ENIs from IMDS
+//! (the daemon retries it while IMDS is slow, serving DEL and health meanwhile); pods are
+//! served from there on, before EC2 answers anything.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -13,7 +17,7 @@ use tracing::{error, info, warn};
 
 use super::{Node, Schedule, Timing, now_ns, store_eni};
 use crate::checkpoint::{self, Journal, LoadError};
-use crate::cloud::{CloudError, Ec2, EniInfo, Imds};
+use crate::cloud::{CloudError, Ec2, Imds, InstanceMeta};
 use crate::config::Config;
 use crate::datastore::{Assignment, Datastore, PodRef, SandboxKey};
 use crate::hostnet::HostNetwork;
@@ -31,8 +35,19 @@ pub enum StartError {
     Checkpoint(String),
 }
 
+/// The instance as IMDS describes it, and what of its primary ENI new ENIs copy.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub meta: InstanceMeta,
+    pub primary_subnet: String,
+    pub primary_subnet_cidr: Ipv4Net,
+    pub vpc_id: String,
+    pub primary_sgs: Vec<String>,
+}
+
 impl Node {
-    /// Builds the node from IMDS and the checkpoint: no EC2 call.
+    /// Builds the node and learns the instance from IMDS once (tests, benchmarks; the
+    /// daemon retries `learn_instance` itself).
     pub async fn start(
         cfg: Config,
         ec2: Arc<dyn Ec2>,
@@ -40,16 +55,22 @@ impl Node {
         host: Arc<dyn HostNetwork>,
         timing: Timing,
     ) -> Result<Arc<Node>, StartError> {
-        let meta = imds.instance().await.map_err(StartError::Imds)?;
-        let enis = imds.enis().await.map_err(StartError::Imds)?;
-        let primary = enis
-            .iter()
-            .find(|e| e.mac == meta.primary_mac || e.device_number == 0)
-            .cloned();
+        let node = Node::restore(cfg, ec2, imds, host, timing).await?;
+        node.learn_instance().await.map_err(StartError::Imds)?;
+        Ok(node)
+    }
+
+    /// Restores every assignment from the checkpoint and the host, and writes one fresh
+    /// snapshot of them: no IMDS, no EC2. Until `learn_instance` succeeds the node
+    /// releases (DelNetwork) but assigns nothing, and its health says why.
+    pub async fn restore(
+        cfg: Config,
+        ec2: Arc<dyn Ec2>,
+        imds: Arc<dyn Imds>,
+        host: Arc<dyn HostNetwork>,
+        timing: Timing,
+    ) -> Result<Arc<Node>, StartError> {
         let mut store = Datastore::new(cfg.ip_cooldown);
-        for e in &enis {
-            store.add_eni(store_eni(e, Some(&e.id) == primary.as_ref().map(|p| &p.id)));
-        }
         let path = PathBuf::from(&cfg.backing_store);
         match checkpoint::load(&path) {
             Ok(l) => {
@@ -60,6 +81,12 @@ impl Node {
                     "restored checkpoint {}",
                     path.display()
                 );
+                if l.snapshot_missing {
+                    warn!(
+                        "{} is missing but its journal is there: the journal holds only what changed since the last snapshot; the pods from before it are taken from the host's pod routes",
+                        path.display()
+                    );
+                }
                 for a in l.assignments {
                     store.restore(a);
                 }
@@ -68,43 +95,44 @@ impl Node {
                 }
             }
             Err(LoadError::Missing(_)) => {
-                info!("no checkpoint at {}: starting empty", path.display())
+                info!(
+                    "no checkpoint at {}: the assignments are taken from the host's pod routes",
+                    path.display()
+                )
             }
             Err(e @ LoadError::Corrupt { .. }) => {
                 let aside = checkpoint::set_aside(&path).map_err(|io| {
                     StartError::Checkpoint(format!("{e}; and setting it aside failed: {io}"))
                 })?;
-                let routes = host.pod_routes().await.unwrap_or_else(|e| {
-                    error!("reading the host's pod routes: {e}");
-                    vec![]
-                });
                 error!(
-                    "{e}; moved it to {} and rebuilt {} assignments from the host's pod routes",
-                    aside.display(),
-                    routes.len()
+                    "{e}; moved it to {} and rebuilding the assignments from the host's pod routes",
+                    aside.display()
                 );
-                for (ip, veth) in routes {
-                    store.restore(Assignment {
-                        key: SandboxKey {
-                            network: "aws-cni".into(),
-                            container_id: format!("{RECOVERED_PREFIX}{veth}"),
-                            if_name: "eth0".into(),
-                        },
-                        ip,
-                        eni: String::new(),
-                        device_number: 0,
-                        assigned_at_ns: now_ns(),
-                        pod: PodRef::default(),
-                    });
-                }
             }
             Err(e @ LoadError::Io { .. }) => return Err(StartError::Checkpoint(e.to_string())),
         }
-        if store.orphan_count() > 0 {
-            warn!(
-                orphans = store.orphan_count(),
-                "checkpointed addresses not on any ENI IMDS lists yet; kept reserved until EC2 confirms"
-            );
+        // Whatever the file said, a pod route through one of our veths is a live pod's
+        // address (a lost file, a journal without its snapshot, a stale copy).
+        match host.pod_routes().await {
+            Ok(routes) => {
+                let mut kept = BTreeSet::new();
+                for (ip, veth) in routes {
+                    if store.holds_for_a_pod(ip) || !kept.insert(ip) {
+                        continue;
+                    }
+                    store.restore(recovered(ip, &veth));
+                }
+                if !kept.is_empty() {
+                    warn!(
+                        "{} addresses have a pod route on this host but no assignment in the checkpoint: kept for those pods ({:?})",
+                        kept.len(),
+                        kept
+                    );
+                }
+            }
+            Err(e) => error!(
+                "reading the host's pod routes: {e}; assignments are only what the checkpoint holds"
+            ),
         }
         let journal = Journal::start(&path, timing.checkpoint_fsync).map_err(|e| {
             StartError::Checkpoint(format!(
@@ -118,37 +146,15 @@ impl Node {
             .durable()
             .await
             .map_err(|e| StartError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
-        let primary = primary.unwrap_or_else(|| EniInfo {
-            id: String::new(),
-            mac: meta.primary_mac.clone(),
-            device_number: 0,
-            subnet_id: String::new(),
-            subnet_cidr: Ipv4Net {
-                addr: Ipv4Addr::UNSPECIFIED,
-                len: 0,
-            },
-            vpc_id: String::new(),
-            vpc_cidrs: vec![],
-            security_groups: vec![],
-            primary_ip: meta.primary_ip,
-            secondary_ips: vec![],
-            prefixes: vec![],
-            attachment_id: None,
-            tags: vec![],
-            status: String::new(),
-        });
         Ok(Arc::new(Node {
-            vpc_cidrs: RwLock::new(primary.vpc_cidrs.clone()),
+            vpc_cidrs: RwLock::new(vec![]),
+            identity: OnceLock::new(),
             imds,
             host,
-            primary_subnet: primary.subnet_id.clone(),
-            primary_subnet_cidr: primary.subnet_cidr,
-            vpc_id: primary.vpc_id.clone(),
-            primary_sgs: primary.security_groups.clone(),
             cfg,
-            meta,
             store: Mutex::new(store),
             journal,
+            checkpoint_fault: Mutex::new(None),
             ec2,
             limits: RwLock::new(None),
             wake_pool: Notify::new(),
@@ -163,6 +169,81 @@ impl Node {
             checkpoint_path: path,
             metrics: Metrics::default(),
         }))
+    }
+
+    /// Reads the instance and its ENIs from IMDS (no EC2) and makes their addresses
+    /// available; restored assignments are placed on their ENIs. Once only.
+    pub async fn learn_instance(&self) -> Result<(), CloudError> {
+        if self.identity().is_some() {
+            return Ok(());
+        }
+        let meta = self.imds.instance().await?;
+        let enis = self.imds.enis().await?;
+        let primary = enis
+            .iter()
+            .find(|e| e.mac == meta.primary_mac)
+            .or_else(|| enis.iter().find(|e| e.device_number == 0));
+        let identity = Identity {
+            primary_subnet: primary.map(|p| p.subnet_id.clone()).unwrap_or_default(),
+            primary_subnet_cidr: primary.map(|p| p.subnet_cidr).unwrap_or(Ipv4Net {
+                addr: Ipv4Addr::UNSPECIFIED,
+                len: 0,
+            }),
+            vpc_id: primary.map(|p| p.vpc_id.clone()).unwrap_or_default(),
+            primary_sgs: primary
+                .map(|p| p.security_groups.clone())
+                .unwrap_or_default(),
+            meta,
+        };
+        *self.vpc_cidrs.write().unwrap() = primary.map(|p| p.vpc_cidrs.clone()).unwrap_or_default();
+        let primary_id = primary.map(|p| p.id.clone());
+        let mut refused = Vec::new();
+        let orphans = {
+            let mut s = self.store.lock().unwrap();
+            for e in &enis {
+                refused.push((
+                    e.id.clone(),
+                    s.add_eni(store_eni(e, Some(&e.id) == primary_id.as_ref())),
+                ));
+            }
+            s.orphan_count()
+        };
+        for (id, r) in refused {
+            self.note_refused(&id, &r, false);
+        }
+        if orphans > 0 {
+            warn!(
+                orphans,
+                "restored addresses not on any ENI IMDS lists yet; kept reserved until EC2 confirms"
+            );
+        }
+        info!(
+            instance = %identity.meta.instance_id,
+            r#type = %identity.meta.instance_type,
+            enis = enis.len(),
+            "instance metadata read"
+        );
+        let _ = self.identity.set(identity);
+        self.addresses_added.notify_waiters();
+        self.wake_pool.notify_one();
+        Ok(())
+    }
+}
+
+/// An assignment for a pod found only by its route on the host: keyed by its host veth,
+/// which its DEL names again (by namespace and pod name).
+pub(super) fn recovered(ip: Ipv4Addr, veth: &str) -> Assignment {
+    Assignment {
+        key: SandboxKey {
+            network: "aws-cni".into(),
+            container_id: format!("{RECOVERED_PREFIX}{veth}"),
+            if_name: "eth0".into(),
+        },
+        ip,
+        eni: String::new(),
+        device_number: 0,
+        assigned_at_ns: now_ns(),
+        pod: PodRef::default(),
     }
 }
 
