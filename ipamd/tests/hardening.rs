@@ -788,6 +788,49 @@ async fn a_checkpoint_larger_than_any_node_is_set_aside_not_loaded_() {
     assert!(d.log().contains("more than any instance"), "{}", d.log());
 }
 
+#[test]
+fn restored_assignments_beyond_the_instances_capacity_are_set_aside() {
+    in_node_ns(
+        "hard-excess",
+        restored_assignments_beyond_the_instances_capacity_are_set_aside_,
+    )
+}
+
+async fn restored_assignments_beyond_the_instances_capacity_are_set_aside_() {
+    let emu = Emulator::start();
+    emu.seed(&["--type", "m5.large"]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("ipam.json");
+    // 1,000 allocations on no ENI of this node: an m5.large holds 27 addresses for pods.
+    write_allocations(&store, 1000);
+    let d = Ipamd::start(
+        &emu,
+        &[("AWS_VPC_K8S_CNI_BACKING_STORE", store.to_str().unwrap())],
+    );
+    let c = d.client().await;
+    assert!(c.add("after").await.unwrap().success);
+    let bounded = eventually(Duration::from_secs(20), true, async || {
+        ipamd_core::checkpoint::load(&store).is_ok_and(|l| l.assignments.len() <= 28)
+    })
+    .await;
+    assert!(bounded, "{}", d.log());
+    let excess = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ipam.json.excess-")
+        })
+        .expect("the excess is written aside");
+    let aside = ipamd_core::checkpoint::load(&excess.path()).unwrap();
+    assert!(
+        aside.assignments.len() >= 973,
+        "{}",
+        aside.assignments.len()
+    );
+}
+
 fn write_allocations(path: &Path, n: usize) {
     use std::io::Write;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());

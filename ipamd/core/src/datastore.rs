@@ -396,6 +396,9 @@ impl Datastore {
 
     /// Moves addresses whose cooldown has passed back to the free list.
     fn promote_cooled(&mut self, now_ns: u64) {
+        let cooldown_ns = self.cooldown_ns;
+        self.unplaced_cooldowns
+            .retain(|_, at| at.saturating_add(cooldown_ns) > now_ns);
         while let Some(&(at, ip)) = self.cooldown.front() {
             if at.saturating_add(self.cooldown_ns) > now_ns {
                 break;
@@ -555,6 +558,13 @@ impl Datastore {
 
     pub fn orphan_count(&self) -> usize {
         self.orphans.len()
+    }
+
+    /// The restored assignments no ENI holds, oldest first.
+    pub fn orphans(&self) -> Vec<Assignment> {
+        let mut v: Vec<Assignment> = self.orphans.values().cloned().collect();
+        v.sort_by_key(|a| (a.assigned_at_ns, a.key.clone()));
+        v
     }
 
     /// (total, assigned, cooldown, assignable now) over addresses held for pods.

@@ -210,6 +210,13 @@ impl Node {
                         );
                         *self.limits.write().unwrap() = Some(l);
                         self.reconcile().await;
+                        let per_slot = if self.cfg.enable_prefix_delegation {
+                            16
+                        } else {
+                            1
+                        };
+                        self.bound_restored(l.max_enis * l.slots_per_eni() * per_slot)
+                            .await;
                     }
                     Err(e) => {
                         warn!("DescribeInstanceTypes failed, retrying: {e}");

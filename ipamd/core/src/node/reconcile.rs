@@ -22,6 +22,9 @@ pub(super) struct ReconcileState {
     /// What the datastore held that EC2's last describe did not show: removed only when
     /// two describes in a row agree (describes can lag behind a change).
     missing: BTreeSet<Lost>,
+    /// Free addresses a pod route on the host pointed at in the last pass: taken for that
+    /// pod when the next pass sees the route still there.
+    routed_free: BTreeSet<Ipv4Addr>,
 }
 
 /// Something the datastore holds that EC2 stopped showing.
@@ -149,6 +152,7 @@ impl Node {
         let t_store = t0.elapsed();
         self.converge_host().await;
         self.reclaim_stale().await;
+        self.adopt_routed_free().await;
         debug!(
             "reconcile: describe {t_describe:?}, IMDS {:?}, store {:?}, host {:?}",
             t_imds - t_describe,
@@ -278,6 +282,44 @@ impl Node {
         n
     }
 
+    /// A free address a pod route through one of our veths points at belongs to that pod
+    /// (a DEL that released it but left the datapath, a client of ours that is not): it
+    /// is taken for the pod, as at start-up, when two passes in a row see the route, so
+    /// no new pod gets it. (One pass could be a DEL between its release and its teardown.)
+    pub async fn adopt_routed_free(&self) -> usize {
+        let Ok(routes) = self.host.pod_routes().await else {
+            return 0;
+        };
+        let free: Vec<(Ipv4Addr, String)> = {
+            let s = self.store.lock().unwrap();
+            routes
+                .into_iter()
+                .filter(|(ip, _)| s.is_free(*ip))
+                .collect()
+        };
+        let now: BTreeSet<Ipv4Addr> = free.iter().map(|(ip, _)| *ip).collect();
+        let before = std::mem::replace(&mut self.reconciler.lock().unwrap().routed_free, now);
+        let mut n = 0;
+        for (ip, veth) in free.into_iter().filter(|(ip, _)| before.contains(ip)) {
+            let a = super::startup::recovered(ip, &veth);
+            let pending = {
+                let mut s = self.store.lock().unwrap();
+                if !s.is_free(ip) {
+                    continue;
+                }
+                s.restore(a.clone());
+                self.journal.record_add(&a)
+            };
+            if self.checkpointed(pending.durable().await).is_ok() {
+                n += 1;
+                warn!(
+                    "{ip} was free but a pod route on this host points at it (via {veth}): kept for that pod"
+                );
+            }
+        }
+        n
+    }
+
     pub(super) async fn housekeeping(&self) {
         let (reconcile, sweep) = {
             let rt = self.reconciler.lock().unwrap();
@@ -352,6 +394,50 @@ mod tests {
     use crate::datastore::{PodRef, SandboxKey};
     use crate::node::fakes::{FakeImds, LiveHost, NoEc2};
     use crate::node::{AddOutcome, Timing};
+
+    #[tokio::test]
+    async fn a_free_address_a_pod_route_points_at_is_kept_for_that_pod() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::from_env(|_| None).unwrap();
+        cfg.backing_store = dir.path().join("ipam.json").display().to_string();
+        cfg.ip_cooldown = Duration::ZERO;
+        cfg.add_wait = Duration::from_millis(100);
+        let host = LiveHost::with(vec![]);
+        let node = Node::start(
+            cfg,
+            Arc::new(NoEc2),
+            Arc::new(FakeImds),
+            host.clone(),
+            Timing::default(),
+        )
+        .await
+        .unwrap();
+        // A DEL released 10.0.0.6 but its datapath stayed: the route is still there.
+        *host.0.lock().unwrap() =
+            Some(vec![("10.0.0.6".parse().unwrap(), "enic440f455693".into())]);
+        assert_eq!(
+            node.adopt_routed_free().await,
+            0,
+            "one pass could be a DEL in flight"
+        );
+        assert_eq!(node.adopt_routed_free().await, 1);
+        for c in ["a", "b"] {
+            let key = SandboxKey {
+                network: "aws-cni".into(),
+                container_id: c.into(),
+                if_name: "eth0".into(),
+            };
+            let AddOutcome::Assigned(a) = node.add(key, PodRef::default()).await.unwrap() else {
+                panic!("no address")
+            };
+            assert_ne!(a.ip.to_string(), "10.0.0.6");
+        }
+        let held = node.assignments();
+        assert!(
+            held.iter()
+                .any(|a| a.key.container_id == "recovered:enic440f455693")
+        );
+    }
 
     #[tokio::test]
     async fn assignments_without_a_pod_interface_are_reclaimed_after_the_grace() {

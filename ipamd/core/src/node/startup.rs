@@ -230,6 +230,47 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Once the instance's limits are known: restored assignments on no ENI beyond what
+    /// the instance could ever hold for pods are not this node's (a checkpoint from
+    /// elsewhere, a bad file). The newest that fit are kept; the rest are written aside
+    /// to `<checkpoint>.excess-<time>` (upstream's format) and released.
+    pub(super) async fn bound_restored(&self, capacity: u32) {
+        let (placed, orphans) = {
+            let s = self.store.lock().unwrap();
+            let placed = s.assignments().len() - s.orphan_count();
+            (placed, s.orphans())
+        };
+        let room = (capacity as usize).saturating_sub(placed);
+        if orphans.len() <= room {
+            return;
+        }
+        let excess: Vec<Assignment> = orphans[..orphans.len() - room].to_vec();
+        let stamp = now_ns() / 1_000_000_000;
+        let mut aside = self.checkpoint_path.as_os_str().to_owned();
+        aside.push(format!(".excess-{stamp}"));
+        let aside = PathBuf::from(aside);
+        if let Err(e) = checkpoint::write_snapshot(&aside, &excess, &[], false) {
+            error!(
+                "{} restored assignments are more than this instance can hold ({capacity}) but could not be written aside to {}: kept ({e})",
+                excess.len(),
+                aside.display()
+            );
+            return;
+        }
+        let gone: BTreeSet<SandboxKey> = excess.iter().map(|a| a.key.clone()).collect();
+        let pending = self.release_where(|a| gone.contains(&a.key));
+        for (p, _) in pending {
+            let _ = self.checkpointed(p.durable().await);
+        }
+        error!(
+            "{} restored assignments are on no ENI of this instance and more than it can hold for pods ({capacity}): written to {} and released",
+            excess.len(),
+            aside.display()
+        );
+    }
+}
+
 /// An assignment for a pod found only by its route on the host: keyed by its host veth,
 /// which its DEL names again (by namespace and pod name).
 pub(super) fn recovered(ip: Ipv4Addr, veth: &str) -> Assignment {
