@@ -113,15 +113,23 @@ impl NetConf {
                 .unwrap_or(DEFAULT_IPAMD_ADDRESS),
         )
         .map_err(|e| CniError::config(format!("ipamdAddress {e}")))?;
+        let log_file = raw
+            .plugin_log_file
+            .unwrap_or_else(|| DEFAULT_LOG_FILE.to_string());
+        if !matches!(log_file.as_str(), "" | "none" | "stderr" | "stdout")
+            && !log_file.starts_with('/')
+        {
+            return Err(CniError::config(format!(
+                "pluginLogFile {log_file:?} is not an absolute path (or stderr, none): a runtime's working directory is not the plugin's to choose"
+            )));
+        }
         Ok(NetConf {
             cni_version,
             cni_version_str,
             name,
             mtu,
             veth_prefix,
-            log_file: raw
-                .plugin_log_file
-                .unwrap_or_else(|| DEFAULT_LOG_FILE.to_string()),
+            log_file,
             log_level,
             ipamd,
             prev_result: raw.prev_result.filter(|v| !v.is_null()),

@@ -37,20 +37,74 @@ pub struct Built {
     pub pod: Link,
 }
 
+/// What holds the names a pod's datapath needs, before anything is built.
+#[derive(Debug)]
+pub struct Occupants {
+    /// A host link by the host veth's name: ours (a veth) from an earlier sandbox of the
+    /// same pod or an earlier ADD of this one.
+    pub host_veth: Option<Link>,
+    /// The pod's `if_name`, when it is the peer of that host veth (an earlier ADD of this
+    /// sandbox).
+    pub stale_pod_if: Option<Link>,
+}
+
+/// Finds what holds the host veth's name and the pod's interface name, refusing what is
+/// not this plugin's: a host link of that name that is not a veth, or a pod interface
+/// of that name that is not the peer of our host veth (never deleted, whatever it is).
+pub async fn occupants(host: &Netlink, pod: &Netlink, spec: &PodSpec) -> Result<Occupants, String> {
+    let nl = |e: vpc_cni_netlink::NlError| e.to_string();
+    let host_veth = host.link(&spec.host_veth).await.map_err(nl)?;
+    if let Some(h) = &host_veth
+        && !h.is_veth
+    {
+        return Err(format!(
+            "the node has an interface named {} that is not a veth: not this plugin's, left alone",
+            spec.host_veth
+        ));
+    }
+    let stale_pod_if = match pod.link(&spec.if_name).await.map_err(nl)? {
+        None => None,
+        Some(p) if is_peer(&p, host_veth.as_ref()) => Some(p),
+        Some(_) => {
+            return Err(format!(
+                "the pod's namespace already has an interface {} that is not this plugin's veth (its peer is not {} on the node): left alone",
+                spec.if_name, spec.host_veth
+            ));
+        }
+    };
+    Ok(Occupants {
+        host_veth,
+        stale_pod_if,
+    })
+}
+
+/// `pod_if` (seen from the pod's namespace) is a veth whose peer is `host_veth`.
+pub fn is_peer(pod_if: &Link, host_veth: Option<&Link>) -> bool {
+    match host_veth {
+        Some(h) => {
+            pod_if.is_veth
+                && h.is_veth
+                && pod_if.peer_in_other_netns
+                && pod_if.peer_index == Some(h.index)
+        }
+        None => false,
+    }
+}
+
 /// Builds the datapath. On error, what was created so far is left for
-/// [`undo_setup`], which the caller runs.
+/// [`undo_setup`], which the caller runs. `old` is what [`occupants`] found: ours, and
+/// removed first (creation would fail on it).
 pub async fn setup(
     host: &Netlink,
     pod: &Netlink,
     pod_netns: RawFd,
     spec: &PodSpec,
+    old: &Occupants,
 ) -> NlResult<Built> {
-    // A veth of an earlier sandbox of the same pod (same name), or an interface left
-    // by an earlier ADD of this very sandbox, would make creation fail.
-    if let Some(stale) = host.link(&spec.host_veth).await? {
+    if let Some(stale) = &old.host_veth {
         host.delete_link(stale.index).await?;
     }
-    if let Some(stale) = pod.link(&spec.if_name).await? {
+    if let Some(stale) = &old.stale_pod_if {
         pod.delete_link(stale.index).await?;
     }
     host.add_veth_into(&spec.host_veth, &spec.if_name, spec.mtu, pod_netns)
@@ -60,24 +114,39 @@ pub async fn setup(
 
     pod.set_up(pod_link.index).await?;
     pod.add_address(pod_link.index, spec.ip, 32).await?;
-    pod.replace_route(
-        MAIN_TABLE,
-        GATEWAY,
-        32,
-        None,
-        pod_link.index,
-        RouteScope::Link,
-    )
-    .await?;
-    pod.replace_route(
-        MAIN_TABLE,
-        Ipv4Addr::UNSPECIFIED,
-        0,
-        Some(GATEWAY),
-        pod_link.index,
-        RouteScope::Universe,
-    )
-    .await?;
+    // A second attachment (another interface of the same pod, as Multus adds) keeps the
+    // gateway and default routes the first one set: never replaced from here.
+    let routes = pod.routes().await?;
+    let elsewhere = |dst: Ipv4Addr, len: u8| {
+        routes.iter().any(|r| {
+            r.table == MAIN_TABLE
+                && r.dst == dst
+                && r.dst_len == len
+                && r.oif != Some(pod_link.index)
+        })
+    };
+    if !elsewhere(GATEWAY, 32) {
+        pod.replace_route(
+            MAIN_TABLE,
+            GATEWAY,
+            32,
+            None,
+            pod_link.index,
+            RouteScope::Link,
+        )
+        .await?;
+    }
+    if !elsewhere(Ipv4Addr::UNSPECIFIED, 0) {
+        pod.replace_route(
+            MAIN_TABLE,
+            Ipv4Addr::UNSPECIFIED,
+            0,
+            Some(GATEWAY),
+            pod_link.index,
+            RouteScope::Universe,
+        )
+        .await?;
+    }
     pod.set_permanent_neighbour(pod_link.index, GATEWAY, &host_link.mac)
         .await?;
 
@@ -113,10 +182,12 @@ async fn must_exist(nl: &Netlink, name: &str, side: &str) -> NlResult<Link> {
         })
 }
 
-/// Removes what a failed [`setup`] may have created: the veth pair (ours by name,
-/// since setup replaced any older one) and the host rules of `ip`.
+/// Removes what a failed [`setup`] may have created: the veth pair (ours: setup made a
+/// veth of that name after removing any older one of ours) and the host rules of `ip`.
 pub async fn undo_setup(host: &Netlink, spec: &PodSpec) -> NlResult<()> {
-    if let Some(l) = host.link(&spec.host_veth).await? {
+    if let Some(l) = host.link(&spec.host_veth).await?
+        && l.is_veth
+    {
         host.delete_link(l.index).await?;
     }
     remove_host_rules(host, spec.ip).await
@@ -137,20 +208,72 @@ fn is_pod_rule(r: &Rule, ip: Ipv4Addr) -> bool {
         || (r.priority == FROM_POD_RULE_PRIORITY && r.from == Some((ip, 32)) && r.to.is_none())
 }
 
-/// Deletes the pod's interface inside its namespace, which destroys the host end
-/// (and with it the host route) too. Returns the IPv4 address it carried.
-pub async fn remove_pod_interface(pod: &Netlink, if_name: &str) -> NlResult<Option<Ipv4Addr>> {
-    let Some(link) = pod.link(if_name).await? else {
-        return Ok(None);
+/// What the node shows of one sandbox's datapath, found without trusting anyone's word:
+/// its host veth (a veth by the name this plugin gives it), the /32s routed to that veth,
+/// and the address of the pod's interface when it is that veth's peer.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub host_veth: Option<Link>,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+pub async fn find(
+    host: &Netlink,
+    pod: Option<&Netlink>,
+    host_veth: &str,
+    if_name: &str,
+) -> NlResult<Found> {
+    let mut found = Found::default();
+    let Some(h) = host.link(host_veth).await?.filter(|l| l.is_veth) else {
+        return Ok(found);
     };
-    let ip = pod
-        .ipv4_addresses(link.index)
-        .await?
-        .into_iter()
-        .find(|(_, len)| *len == 32)
-        .map(|(ip, _)| ip);
-    pod.delete_link(link.index).await?;
-    Ok(ip)
+    for r in host.routes().await? {
+        if r.table == MAIN_TABLE
+            && r.dst_len == 32
+            && r.oif == Some(h.index)
+            && !found.ips.contains(&r.dst)
+        {
+            found.ips.push(r.dst);
+        }
+    }
+    if let Some(pod) = pod
+        && let Some(p) = pod.link(if_name).await?
+        && is_peer(&p, Some(&h))
+    {
+        for (ip, len) in pod.ipv4_addresses(p.index).await? {
+            if len == 32 && !found.ips.contains(&ip) {
+                found.ips.push(ip);
+            }
+        }
+    }
+    found.host_veth = Some(h);
+    Ok(found)
+}
+
+/// Takes down what [`find`] found: the host rules of its addresses, then the veth pair
+/// (deleting the host end takes the pod's end and the host routes with it, also while
+/// the pod's namespace is still being torn down).
+pub async fn teardown(host: &Netlink, found: &Found) -> NlResult<()> {
+    for ip in &found.ips {
+        remove_host_rules(host, *ip).await?;
+    }
+    if let Some(h) = &found.host_veth {
+        host.delete_link(h.index).await?;
+    }
+    Ok(())
+}
+
+/// Whether a live link other than `ours` routes `ip` (another pod has it now).
+pub async fn routed_elsewhere(host: &Netlink, ip: Ipv4Addr, ours: &str) -> NlResult<bool> {
+    let links = host.links().await?;
+    Ok(host.routes().await?.iter().any(|r| {
+        r.table == MAIN_TABLE
+            && r.dst == ip
+            && r.dst_len == 32
+            && links
+                .iter()
+                .any(|l| Some(l.index) == r.oif && l.name != ours)
+    }))
 }
 
 /// CHECK: every piece of the datapath is as ADD left it. Returns what differs.

@@ -32,9 +32,18 @@ pub fn init(path: &str, level: Level) {
             if let Some(dir) = std::path::Path::new(p).parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            match OpenOptions::new().create(true).append(true).open(p) {
-                Ok(f) => Sink::File(f),
-                Err(_) => Sink::None,
+            // 0600 as upstream (a log names pods and addresses); non-blocking, so a FIFO
+            // put there cannot hang the plugin, and only a regular file is written.
+            use std::os::unix::fs::OpenOptionsExt;
+            match OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p)
+            {
+                Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => Sink::File(f),
+                _ => Sink::None,
             }
         }
     };

@@ -122,14 +122,41 @@ struct Sides {
     pod_ns: NetNs,
 }
 
-/// Opens the pod's namespace. `Ok(None)` if the path no longer exists.
-fn open_pod_ns(path: &str) -> Result<Option<Sides>> {
+/// Where CNI_NETNS stands.
+enum PodNs {
+    Open(Sides),
+    /// No such path (or none given): the runtime removed the namespace already.
+    Gone,
+    /// Not a pod's network namespace (a file, a directory, another kind of namespace, the
+    /// node's own): never entered, never changed.
+    Unusable(CniError),
+}
+
+fn host_netlink() -> Result<Netlink> {
+    Netlink::connect().map_err(|e| {
+        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
+    })
+}
+
+/// Opens the pod's namespace, checking it is one: not a FIFO (opened non-blocking), not
+/// another kind of file or namespace, and not the namespace the plugin runs in (the
+/// node's: there, CNI_IFNAME would be one of the node's own interfaces).
+fn pod_ns(path: &str) -> Result<PodNs> {
+    if path.is_empty() {
+        return Ok(PodNs::Gone);
+    }
     let home = NetNs::current().map_err(|e| {
         CniError::new(ErrorCode::Io, "cannot open the host network namespace").with_details(e)
     })?;
     let pod_ns = match NetNs::open(Path::new(path)) {
         Ok(ns) => ns,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PodNs::Gone),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Ok(PodNs::Unusable(
+                CniError::env(format!("CNI_NETNS {path} is not a network namespace"))
+                    .with_details(e),
+            ));
+        }
         Err(e) => {
             return Err(CniError::new(
                 ErrorCode::UnknownContainer,
@@ -138,6 +165,11 @@ fn open_pod_ns(path: &str) -> Result<Option<Sides>> {
             .with_details(e));
         }
     };
+    if pod_ns.same_as(&home).unwrap_or(false) {
+        return Ok(PodNs::Unusable(CniError::env(format!(
+            "CNI_NETNS {path} is this node's own network namespace, not a pod's"
+        ))));
+    }
     let pod = pod_ns
         .run_in(&home, Netlink::connect)
         .map_err(|e| {
@@ -146,18 +178,38 @@ fn open_pod_ns(path: &str) -> Result<Option<Sides>> {
         .map_err(|e| {
             CniError::new(ErrorCode::Io, format!("cannot open netlink in {path}")).with_details(e)
         })?;
-    let host = Netlink::connect().map_err(|e| {
-        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
-    })?;
-    Ok(Some(Sides { host, pod, pod_ns }))
+    Ok(PodNs::Open(Sides {
+        host: host_netlink()?,
+        pod,
+        pod_ns,
+    }))
 }
 
+/// The pod's namespace for ADD and CHECK, which must enter it.
+fn open_pod_ns(path: &str) -> Result<Sides> {
+    match pod_ns(path)? {
+        PodNs::Open(s) => Ok(s),
+        PodNs::Gone => Err(CniError::new(
+            ErrorCode::UnknownContainer,
+            format!("CNI_NETNS {path} does not exist"),
+        )),
+        PodNs::Unusable(e) => Err(e),
+    }
+}
+
+/// The host veth of this attachment: upstream's name for `eth0`, one of its own for any
+/// other interface of the pod (so a second attachment never takes the first's).
 fn host_veth(conf: &NetConf, env: &CniEnv, k8s: &K8sArgs) -> String {
     if k8s.pod_name.is_empty() {
         // Not Kubernetes (podman, ctr): name the veth after the container instead.
-        datapath::host_veth_name(&conf.veth_prefix, "", &env.container_id)
+        vpc_cni_proto::pod_veth_name(&conf.veth_prefix, "", &env.container_id, &env.if_name)
     } else {
-        datapath::host_veth_name(&conf.veth_prefix, &k8s.pod_namespace, &k8s.pod_name)
+        vpc_cni_proto::pod_veth_name(
+            &conf.veth_prefix,
+            &k8s.pod_namespace,
+            &k8s.pod_name,
+            &env.if_name,
+        )
     }
 }
 
@@ -198,13 +250,20 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         Some(v) => Some(CniResult::from_prev(v)?),
         None => None,
     };
-    // Check the namespace before taking an address for it.
-    let sides = open_pod_ns(&env.netns)?.ok_or_else(|| {
-        CniError::new(
-            ErrorCode::UnknownContainer,
-            format!("CNI_NETNS {} does not exist", env.netns),
-        )
-    })?;
+    // Check the namespace, and that the names the datapath needs are free or ours,
+    // before taking an address for it.
+    let sides = open_pod_ns(&env.netns)?;
+    let veth = host_veth(conf, env, &k8s);
+    let probe = PodSpec {
+        host_veth: veth.clone(),
+        if_name: env.if_name.clone(),
+        ip: Ipv4Addr::UNSPECIFIED,
+        mtu: conf.mtu,
+        table: None,
+    };
+    let old = datapath::occupants(&sides.host, &sides.pod, &probe)
+        .await
+        .map_err(|why| CniError::datapath(format!("cannot set up {}: {why}", env.if_name)))?;
 
     let ipamd = Ipamd::connect(&conf.ipamd).await?;
     let reply = ipamd
@@ -262,31 +321,30 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         }
     };
     let spec = PodSpec {
-        host_veth: host_veth(conf, env, &k8s),
-        if_name: env.if_name.clone(),
         ip,
-        mtu: conf.mtu,
         table: table_of(&meta),
+        ..probe
     };
     debug!(
         "ipamd gave {ip} (device {}, table {:?})",
         meta.device_number, spec.table
     );
 
-    let built = match datapath::setup(&sides.host, &sides.pod, sides.pod_ns.raw_fd(), &spec).await {
-        Ok(b) => b,
-        Err(e) => {
-            if let Err(undo) = datapath::undo_setup(&sides.host, &spec).await {
-                error!("cleanup after failed setup also failed: {undo}");
+    let built =
+        match datapath::setup(&sides.host, &sides.pod, sides.pod_ns.raw_fd(), &spec, &old).await {
+            Ok(b) => b,
+            Err(e) => {
+                if let Err(undo) = datapath::undo_setup(&sides.host, &spec).await {
+                    error!("cleanup after failed setup also failed: {undo}");
+                }
+                release(format!("datapath setup failed ({e})")).await;
+                return Err(CniError::datapath(format!(
+                    "could not build the datapath for {ip} on {}",
+                    spec.host_veth
+                ))
+                .with_details(e));
             }
-            release(format!("datapath setup failed ({e})")).await;
-            return Err(CniError::datapath(format!(
-                "could not build the datapath for {ip} on {}",
-                spec.host_veth
-            ))
-            .with_details(e));
-        }
-    };
+        };
     info!(
         "pod {}/{} has {ip} on {} (host veth {})",
         k8s.pod_namespace, k8s.pod_name, spec.if_name, spec.host_veth
@@ -324,7 +382,10 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
 }
 
 /// DEL succeeds whenever nothing of the pod is left: when repeated, when the netns is
-/// gone or empty, and when ipamd is unreachable (teardown from prevResult and host state).
+/// gone, empty or not a namespace at all, and when ipamd is unreachable. It never needs
+/// to enter the pod's namespace, and it takes the datapath down before the address is
+/// released: an address ipamd may hand to the next pod never has this pod's veth,
+/// routes or rules left behind.
 async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     env.require_container_id()?;
     env.require_if_name()?;
@@ -334,8 +395,28 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         .as_ref()
         .and_then(|v| CniResult::from_prev(v).ok())
         .and_then(|r| r.sandbox_ipv4(&env.if_name));
+    let veth = host_veth(conf, env, &k8s);
 
-    // 1. Release the address. ipamd tells us which it was.
+    // 1. What the node shows is this sandbox's: its host veth, the /32s routed to it,
+    //    the pod interface's address when that is the veth's peer.
+    let (host, pod) = match pod_ns(&env.netns)? {
+        PodNs::Open(s) => (s.host, Some(s.pod)),
+        PodNs::Gone => (host_netlink()?, None),
+        PodNs::Unusable(e) => {
+            warn!("DEL: {}; tearing down from the node's side only", e.msg);
+            (host_netlink()?, None)
+        }
+    };
+    let found = datapath::find(&host, pod.as_ref(), &veth, &env.if_name)
+        .await
+        .map_err(|e| CniError::datapath("cannot read the pod's datapath").with_details(e))?;
+
+    // 2. Take it down first; a failure here leaves the address held, and DEL is retried.
+    datapath::teardown(&host, &found).await.map_err(|e| {
+        CniError::datapath(format!("could not remove the datapath of {veth}")).with_details(e)
+    })?;
+
+    // 3. Release the address. ipamd tells us which it was.
     let released: std::result::Result<Option<(Ipv4Addr, Option<u32>)>, CallError> = async {
         let ipamd = Ipamd::connect(&conf.ipamd).await?;
         let reply = ipamd
@@ -357,44 +438,29 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     .await;
 
-    // 2. Remove the pod's interface, if its namespace is still there.
-    let sides = if env.netns.is_empty() {
-        None
-    } else {
-        open_pod_ns(&env.netns)?
-    };
-    let mut netns_ip = None;
-    let host = match sides {
-        Some(sides) => {
-            netns_ip = datapath::remove_pod_interface(&sides.pod, &env.if_name)
-                .await
-                .map_err(|e| {
-                    CniError::datapath("could not remove the pod interface").with_details(e)
-                })?;
-            sides.host
-        }
-        None => Netlink::connect().map_err(|e| {
-            CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
-        })?,
-    };
-
-    // 3. Remove the host rules of the address that was this container's.
-    let ip = match &released {
+    // 4. The rules of an address the node did not show as ours (the veth was gone):
+    //    ipamd's word, or prevResult when ipamd cannot be asked. Never when ipamd says
+    //    the container holds nothing (a repeated DEL: the address may be another pod's
+    //    now), nor when another pod's veth routes it.
+    let other = match &released {
         Ok(Some((ip, _))) => Some(*ip),
-        // ipamd holds nothing for this container (a repeated DEL): the rules went with
-        // the first DEL, and the address may since belong to another pod. Touch nothing
-        // but what the namespace itself proved ours.
-        Ok(None) => netns_ip,
+        Ok(None) => None,
         Err(CallError::Unreachable(e)) => {
             warn!("ipamd unreachable on DEL, tearing down from local state: {e}");
-            netns_ip.or(prev_ip)
+            prev_ip
         }
-        Err(CallError::Failed(_)) => netns_ip.or(prev_ip),
+        Err(CallError::Failed(_)) => prev_ip,
     };
-    if let Some(ip) = ip {
-        datapath::remove_host_rules(&host, ip).await.map_err(|e| {
-            CniError::datapath(format!("could not remove the host rules of {ip}")).with_details(e)
-        })?;
+    if let Some(ip) = other.filter(|ip| !found.ips.contains(ip)) {
+        let taken = datapath::routed_elsewhere(&host, ip, &veth)
+            .await
+            .map_err(|e| CniError::datapath("cannot read host routes").with_details(e))?;
+        if !taken {
+            datapath::remove_host_rules(&host, ip).await.map_err(|e| {
+                CniError::datapath(format!("could not remove the host rules of {ip}"))
+                    .with_details(e)
+            })?;
+        }
     }
     match released {
         Err(CallError::Failed(e)) => Err(e),
@@ -429,12 +495,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             env.if_name
         ))
     })?;
-    let sides = open_pod_ns(&env.netns)?.ok_or_else(|| {
-        CniError::new(
-            ErrorCode::UnknownContainer,
-            format!("CNI_NETNS {} does not exist", env.netns),
-        )
-    })?;
+    let sides = open_pod_ns(&env.netns)?;
     // Which table the from-rule should name is ipamd's knowledge; CHECK verifies it if
     // present and otherwise accepts the primary-ENI form.
     let rules = sides
@@ -467,7 +528,22 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
 }
 
+/// STATUS and GC are verbs of CNI 1.1.0: a configuration of an earlier version has none.
+fn require_1_1(conf: &NetConf, verb: &str) -> Result<()> {
+    if conf.cni_version.has_status_and_gc() {
+        return Ok(());
+    }
+    Err(CniError::new(
+        ErrorCode::IncompatibleVersion,
+        format!(
+            "{verb} needs cniVersion 1.1.0 or later, the configuration says {}",
+            conf.cni_version
+        ),
+    ))
+}
+
 async fn status(conf: &NetConf) -> Result<()> {
+    require_1_1(conf, "STATUS")?;
     let not_available = |e: CniError| CniError {
         code: ErrorCode::NotAvailable,
         ..e
@@ -489,7 +565,14 @@ async fn status(conf: &NetConf) -> Result<()> {
 }
 
 async fn gc(conf: &NetConf) -> Result<()> {
-    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    require_1_1(conf, "GC")?;
+    // Without the list every attachment of the network would look stale (cnitool sends
+    // none): that is not a request to release them all.
+    let Some(valid) = conf.valid_attachments.clone() else {
+        return Err(CniError::config(
+            "GC needs cni.dev/valid-attachments (the attachments still in use; [] for none): without it nothing is released",
+        ));
+    };
     let ipamd = Ipamd::connect(&conf.ipamd).await?;
     let reply = ipamd
         .garbage_collect(GarbageCollectRequest {
@@ -508,9 +591,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
         info!("ipamd does not implement GC; nothing collected");
         return Ok(());
     };
-    let host = Netlink::connect().map_err(|e| {
-        CniError::new(ErrorCode::Io, "cannot open netlink on the host").with_details(e)
-    })?;
+    let host = host_netlink()?;
     for r in &reply.released {
         let Some(ip) = r
             .ip_allocation_metadata

@@ -72,7 +72,8 @@ fn undo_after_a_complete_setup_leaves_nothing() {
             table: Some(4),
         };
         // The host end must be created from inside the node namespace.
-        let built = datapath::setup(&host, &pod_nl, pod_ns.raw_fd(), &spec)
+        let old = datapath::occupants(&host, &pod_nl, &spec).await.unwrap();
+        let built = datapath::setup(&host, &pod_nl, pod_ns.raw_fd(), &spec, &old)
             .await
             .unwrap();
         assert_eq!(built.pod.mtu, 1500);

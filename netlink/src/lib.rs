@@ -73,24 +73,44 @@ pub struct Link {
     pub mac: [u8; 6],
     pub up: bool,
     pub mtu: u32,
+    /// A veth (either end of a pair).
+    pub is_veth: bool,
+    /// A veth's peer: its interface index, in the namespace `peer_in_other_netns` says
+    /// (another one when true, this one when false).
+    pub peer_index: Option<u32>,
+    pub peer_in_other_netns: bool,
 }
 
 impl Link {
     fn from_msg(m: &LinkMessage) -> Self {
+        use netlink_packet_route::link::{InfoKind, LinkInfo};
         let mut l = Link {
             index: m.header.index,
             name: String::new(),
             mac: [0; 6],
             up: m.header.flags.contains(LinkFlags::Up),
             mtu: 0,
+            is_veth: false,
+            peer_index: None,
+            peer_in_other_netns: false,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => l.name = n.clone(),
                 LinkAttribute::Address(b) if b.len() == 6 => l.mac.copy_from_slice(b),
                 LinkAttribute::Mtu(m) => l.mtu = *m,
+                LinkAttribute::Link(i) => l.peer_index = Some(*i),
+                LinkAttribute::LinkNetNsId(_) => l.peer_in_other_netns = true,
+                LinkAttribute::LinkInfo(infos) => {
+                    l.is_veth = infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                }
                 _ => {}
             }
+        }
+        if !l.is_veth {
+            l.peer_index = None;
         }
         l
     }

@@ -127,6 +127,19 @@ pub fn run(bin: &PathBuf, node_netns: Option<&str>, inv: &Invocation, stdin: &st
         .unwrap()
         .write_all(stdin.as_bytes())
         .expect("write stdin");
+    // A plugin that hangs (a FIFO opened blocking, say) fails the test instead of it.
+    let t0 = std::time::Instant::now();
+    while child.try_wait().expect("wait aws-cni").is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "aws-cni {} did not finish within 20 s: it hangs",
+                inv.command
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     let out = child.wait_with_output().expect("wait aws-cni");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     Output {

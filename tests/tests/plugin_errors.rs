@@ -180,18 +180,21 @@ fn a_bad_address_from_ipamd_is_handed_back() {
 }
 
 #[test]
-fn datapath_failure_cleans_up_and_hands_the_address_back() {
+fn a_foreign_interface_on_the_name_is_refused_before_an_address_is_taken() {
     let w = world();
     let pod = TestNs::new("pod");
-    // The kernel refuses to replace the pod's loopback: setup fails after ipamd answered.
+    // The pod's loopback holds the name: never deleted, no address taken.
     let mut inv = Invocation::new("ADD", "c1", &pod.path(), "d", "p");
     inv.if_name = "lo".into();
     let out = w.run(&inv, &conf(&w, &[]));
-    assert_error(&out, 100, "10.0.9.1");
-    assert_eq!(adds_and_dels(&w), (1, 1), "the address was released");
-    assert_eq!(w.ipamd.assigned_count(), 0);
+    assert_error(&out, 100, "not this plugin's veth");
+    assert_eq!(adds_and_dels(&w), (0, 0), "no address taken");
+    assert!(
+        pod.try_exec(&["ip", "link", "show", "lo"]),
+        "lo is still there"
+    );
     node_is_clean(&w);
-    // The address is usable again at once by the next pod.
+    // The address is usable by the next pod.
     let ok = w.run(
         &Invocation::new("ADD", "c2", &pod.path(), "d", "p2"),
         &conf(&w, &[]),
