@@ -40,7 +40,7 @@ impl CniEnv {
         }
     }
 
-    fn require_container_id(&self) -> Result<()> {
+    pub fn require_container_id(&self) -> Result<()> {
         if self.container_id.is_empty() {
             return Err(CniError::env(format!(
                 "CNI_CONTAINERID is required for {}",
@@ -50,7 +50,7 @@ impl CniEnv {
         Ok(())
     }
 
-    fn require_if_name(&self) -> Result<()> {
+    pub fn require_if_name(&self) -> Result<()> {
         let n = &self.if_name;
         if n.is_empty() {
             return Err(CniError::env(format!(

@@ -258,21 +258,27 @@ pub fn to_file(a: &Assignment) -> FileAllocation {
 
 /// Reads the snapshot (upstream's file or ours) and replays our journal over it.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    let corrupt = |reason: String| LoadError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
     let jpath = journal_path(path);
     let snap = read_checkpoint_file(path, MAX_SNAPSHOT_BYTES)?;
     let journal = read_checkpoint_file(&jpath, MAX_JOURNAL_BYTES)?.unwrap_or_default();
     if snap.is_none() && journal.is_empty() {
         return Err(LoadError::Missing(path.to_path_buf()));
     }
+    parse(snap.as_deref(), &journal).map_err(|reason| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// The state a snapshot (if any) and a journal describe: no I/O, so it is what the
+/// fuzzer drives. `Err` says why the bytes are not a usable checkpoint.
+pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
+    let corrupt = |reason: String| reason;
     let snapshot_missing = snap.is_none();
     let mut allocs: HashMap<SandboxKey, Assignment> = HashMap::new();
     let mut cooldowns: HashMap<Ipv4Addr, u64> = HashMap::new();
     if let Some(bytes) = snap {
-        let s: Snapshot = serde_json::from_slice(&bytes)
+        let s: Snapshot = serde_json::from_slice(bytes)
             .map_err(|e| corrupt(format!("not JSON of the expected shape: {e}")))?;
         if s.version != VERSION {
             return Err(corrupt(format!(
@@ -298,7 +304,7 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
             cooldowns.insert(ip, c.released_at);
         }
     }
-    let text = String::from_utf8_lossy(&journal);
+    let text = String::from_utf8_lossy(journal);
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let mut ops = 0;
     for (i, line) in lines.iter().enumerate() {

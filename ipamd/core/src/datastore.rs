@@ -174,7 +174,17 @@ impl Datastore {
         Some((dev, eni.clone()))
     }
 
+    /// Makes `ip` assignable. An ENI's own address never is (one a pod held when its ENI
+    /// appeared goes once the pod lets go of it): it is forgotten instead.
     fn free_push(&mut self, ip: Ipv4Addr) {
+        if self.enis.values().any(|e| e.primary_ip == ip) {
+            if let Some((owner, _)) = self.addrs.remove(&ip)
+                && let Some(e) = self.enis.get_mut(&owner)
+            {
+                e.ips.remove(&ip);
+            }
+            return;
+        }
         if let Some(k) = self.free_key(ip) {
             let list = self.free.entry(k).or_default();
             let before = list.len();
@@ -206,8 +216,24 @@ impl Datastore {
         let mut bare = eni;
         bare.ips.clear();
         bare.prefixes.clear();
+        let primary = bare.primary_ip;
+        let mut refused = Vec::new();
+        // Its own address held as another ENI's free secondary (EC2 cannot mean both):
+        // it is the new ENI's now, never a pod's. One a pod holds already stays the pod's.
+        if let Some((owner, slot)) = self.addrs.get(&primary)
+            && owner != &id
+        {
+            let owner = owner.clone();
+            if matches!(slot, Slot::Free) {
+                self.drop_addr(primary);
+                if let Some(e) = self.enis.get_mut(&owner) {
+                    e.ips.remove(&primary);
+                }
+            }
+            refused.push(StoreError::Duplicate(primary, owner));
+        }
         self.enis.entry(id.clone()).or_insert(bare);
-        let mut refused = self.add_ips(&id, &ips).unwrap_or_default();
+        refused.extend(self.add_ips(&id, &ips).unwrap_or_default());
         for p in prefixes {
             if let Err(e) = self.add_prefix(&id, p) {
                 refused.push(e);
@@ -479,12 +505,25 @@ impl Datastore {
         Some(a)
     }
 
-    /// Restores an assignment from a checkpoint (address maybe not on a known ENI yet).
-    pub fn restore(&mut self, a: Assignment) {
+    /// Restores an assignment from a checkpoint or the host (address maybe not on a
+    /// known ENI yet). Refused if the key, or the address, is held already.
+    pub fn restore(&mut self, a: Assignment) -> Result<(), StoreError> {
+        // One address per key, one key per address: a restore never overwrites either.
+        if self.by_key.contains_key(&a.key) || self.orphans.contains_key(&a.key) {
+            return Err(StoreError::InUse(format!(
+                "{} (already restored)",
+                a.key.container_id
+            )));
+        }
+        if matches!(self.addrs.get(&a.ip), Some((_, Slot::Assigned { .. })))
+            || self.orphans.values().any(|o| o.ip == a.ip)
+        {
+            return Err(StoreError::InUse(a.ip.to_string()));
+        }
         if let Some((_, Slot::Free)) = self.addrs.get(&a.ip) {
             self.free_remove(a.ip);
         }
-        if let Some((eni, slot)) = self.addrs.get_mut(&a.ip) {
+        if let Some((_, slot)) = self.addrs.get_mut(&a.ip) {
             if matches!(slot, Slot::Cooldown { .. }) {
                 self.in_cooldown -= 1;
             }
@@ -493,11 +532,11 @@ impl Datastore {
                 at_ns: a.assigned_at_ns,
                 pod: a.pod.clone(),
             };
-            let _ = eni;
             self.by_key.insert(a.key, a.ip);
         } else {
             self.orphans.insert(a.key.clone(), a);
         }
+        Ok(())
     }
 
     /// Restores a persisted cooldown (restart keeps released addresses out of use).
@@ -741,7 +780,7 @@ mod tests {
                 name: "p".into(),
             },
         };
-        d.restore(a.clone());
+        d.restore(a.clone()).unwrap();
         assert_eq!(d.orphan_count(), 1);
         // The ENI shows up later with the address: the assignment is adopted, not freed.
         d.add_eni(eni("eni-1", 1, &["10.0.0.9", "10.0.0.10"]));
@@ -875,6 +914,31 @@ mod tests {
         ));
     }
 
+    /// Found by the fuzzer (fuzz/ipamd_requests): an ENI whose own address another ENI
+    /// listed as a free secondary left that address free for a pod.
+    #[test]
+    fn an_enis_own_address_listed_free_elsewhere_is_not_a_pods() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1", "10.0.0.2"]));
+        let mut second = eni("eni-1", 1, &["10.0.0.3"]);
+        second.primary_ip = "10.0.0.2".parse().unwrap();
+        let refused = d.add_eni(second);
+        assert_eq!(
+            refused,
+            vec![StoreError::Duplicate(
+                "10.0.0.2".parse().unwrap(),
+                "eni-0".into()
+            )]
+        );
+        assert!(!d.is_free("10.0.0.2".parse().unwrap()));
+        let mut got = Vec::new();
+        while let Ok((a, _)) = d.assign(&key(&format!("c{}", got.len())), &PodRef::default(), 0) {
+            got.push(a.ip.to_string());
+        }
+        got.sort();
+        assert_eq!(got, ["10.0.0.1", "10.0.0.3"]);
+    }
+
     #[test]
     fn a_restored_pod_whose_eni_is_not_known_gets_no_new_address() {
         let mut d = Datastore::new(Duration::ZERO);
@@ -886,7 +950,23 @@ mod tests {
             device_number: 0,
             assigned_at_ns: 5,
             pod: PodRef::default(),
-        });
+        })
+        .unwrap();
+        // The same key or the same address again is refused, changing nothing.
+        let again = |ip: &str, c: &str| Assignment {
+            key: key(c),
+            ip: ip.parse().unwrap(),
+            eni: String::new(),
+            device_number: 0,
+            assigned_at_ns: 6,
+            pod: PodRef::default(),
+        };
+        assert!(
+            d.restore(again("10.0.0.20", "c1")).is_err(),
+            "found by the fuzzer"
+        );
+        assert!(d.restore(again("10.0.0.9", "c2")).is_err());
+        assert_eq!(d.assignments().len(), 1);
         assert_eq!(
             d.assign(&key("c1"), &PodRef::default(), S),
             Err(StoreError::NotPlaced("10.0.0.9".into()))

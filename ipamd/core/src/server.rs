@@ -39,7 +39,8 @@ fn metadata(a: &Assignment) -> IpAllocationMetadata {
     }
 }
 
-fn key(network: &str, container: &str, if_name: &str) -> Result<SandboxKey, Status> {
+/// The sandbox key of a request, refusing empty parts.
+pub fn sandbox_key(network: &str, container: &str, if_name: &str) -> Result<SandboxKey, Status> {
     for (name, v) in [
         ("NetworkName", network),
         ("ContainerID", container),
@@ -63,7 +64,7 @@ impl CniBackend for Service {
         req: Request<AddNetworkRequest>,
     ) -> Result<Response<AddNetworkReply>, Status> {
         let r = req.into_inner();
-        let k = key(&r.network_name, &r.container_id, &r.if_name)?;
+        let k = sandbox_key(&r.network_name, &r.container_id, &r.if_name)?;
         let pod = PodRef {
             namespace: r.k8s_pod_namespace.clone(),
             name: r.k8s_pod_name.clone(),
@@ -103,7 +104,7 @@ impl CniBackend for Service {
         req: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = req.into_inner();
-        let k = key(&r.network_name, &r.container_id, &r.if_name)?;
+        let k = sandbox_key(&r.network_name, &r.container_id, &r.if_name)?;
         let pod = PodRef {
             namespace: r.k8s_pod_namespace.clone(),
             name: r.k8s_pod_name.clone(),

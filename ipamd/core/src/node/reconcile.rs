@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::{Node, TAG_CREATED_AT, TAG_INSTANCE_ID, now_ns, store_eni};
+use super::{Node, RECOVERED_PREFIX, TAG_CREATED_AT, TAG_INSTANCE_ID, now_ns, store_eni};
 use crate::clock::parse_rfc3339;
 use crate::cloud::EniInfo;
 use crate::net::Ipv4Net;
@@ -301,13 +301,20 @@ impl Node {
         let before = std::mem::replace(&mut self.reconciler.lock().unwrap().routed_free, now);
         let mut n = 0;
         for (ip, veth) in free.into_iter().filter(|(ip, _)| before.contains(ip)) {
-            let a = super::startup::recovered(ip, &veth);
             let pending = {
                 let mut s = self.store.lock().unwrap();
                 if !s.is_free(ip) {
                     continue;
                 }
-                s.restore(a.clone());
+                // Keyed by the veth, as at start-up; a second address routed to the same
+                // veth gets a key of its own (reclaimed once its route goes).
+                let mut a = super::startup::recovered(ip, &veth);
+                if s.restore(a.clone()).is_err() {
+                    a.key.container_id = format!("{RECOVERED_PREFIX}{veth}/{ip}");
+                    if s.restore(a.clone()).is_err() {
+                        continue;
+                    }
+                }
                 self.journal.record_add(&a)
             };
             if self.checkpointed(pending.durable().await).is_ok() {

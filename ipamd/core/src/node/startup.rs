@@ -88,7 +88,8 @@ impl Node {
                     );
                 }
                 for a in l.assignments {
-                    store.restore(a);
+                    // (A loaded checkpoint holds each key and address once.)
+                    let _ = store.restore(a);
                 }
                 for (ip, t) in l.cooldowns {
                     store.restore_cooldown(ip, t);
@@ -120,7 +121,7 @@ impl Node {
                     if store.holds_for_a_pod(ip) || !kept.insert(ip) {
                         continue;
                     }
-                    store.restore(recovered(ip, &veth));
+                    let _ = store.restore(recovered(ip, &veth));
                 }
                 if !kept.is_empty() {
                     warn!(
