@@ -15,6 +15,9 @@ pub const TAG_INSTANCE_ID: &str = "node.k8s.amazonaws.com/instance_id";
 pub const TAG_CREATED_AT: &str = "node.k8s.amazonaws.com/createdAt";
 pub const TAG_CLUSTER: &str = "cluster.k8s.amazonaws.com/name";
 
+/// How long subnet discovery's answer is used before EC2 is asked again.
+const SUBNET_CACHE_TTL: Duration = Duration::from_secs(60);
+
 /// The tagged subnet in `az` with the most free addresses; the primary's subnet if it
 /// is among them with more, or if none is tagged.
 pub fn pick_subnet(tagged: &[SubnetInfo], az: &str, primary: SubnetInfo) -> SubnetInfo {
@@ -177,17 +180,10 @@ impl Node {
                 return Err(e);
             }
         };
-        if let Err(e) = self
-            .ec2
-            .set_delete_on_termination(&created.id, &attachment)
-            .await
-        {
-            warn!("DeleteOnTermination on {} failed: {e}", created.id);
-        }
         let mut info = created;
         info.device_number = device;
         info.subnet_cidr = subnet.cidr;
-        info.attachment_id = Some(attachment);
+        info.attachment_id = Some(attachment.clone());
         let id = info.id.clone();
         // Its addresses are handed out only once the host can route them.
         let eni = store_eni(&info, false);
@@ -210,16 +206,27 @@ impl Node {
                     since: Instant::now(),
                 },
             );
+            self.delete_on_termination(&id, &attachment).await;
             return Ok(format!("attached {id}; waiting for its link"));
         }
         let refused = self.store.lock().unwrap().add_eni(eni);
         self.note_refused(&id, &refused, true);
+        // Pods waiting get the addresses now; the attribute call is off their path.
+        self.addresses_added.notify_waiters();
+        self.delete_on_termination(&id, &attachment).await;
         info!(
             "attached {id} at device {device} with {} IPs, {} prefixes",
             info.secondary_ips.len(),
             info.prefixes.len()
         );
         Ok(format!("attached {id}"))
+    }
+
+    /// DeleteOnTermination, so terminating the instance deletes the ENI (as upstream).
+    async fn delete_on_termination(&self, eni: &str, attachment: &str) {
+        if let Err(e) = self.ec2.set_delete_on_termination(eni, attachment).await {
+            warn!("DeleteOnTermination on {eni} failed: {e}");
+        }
     }
 
     /// ENIs whose link had not appeared: ready now? Their addresses go to pods then.
@@ -266,8 +273,23 @@ impl Node {
         if !self.cfg.enable_subnet_discovery || id.vpc_id.is_empty() {
             return primary;
         }
+        // One DescribeSubnets a minute at most: ENIs attached in a burst share it.
+        let cached = self
+            .pool
+            .lock()
+            .unwrap()
+            .subnets
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < SUBNET_CACHE_TTL)
+            .map(|(_, s)| s.clone());
+        if let Some(subnets) = cached {
+            return pick_subnet(&subnets, &id.meta.availability_zone, primary);
+        }
         match self.ec2.cni_subnets(&id.vpc_id).await {
-            Ok(subnets) => pick_subnet(&subnets, &id.meta.availability_zone, primary),
+            Ok(subnets) => {
+                self.pool.lock().unwrap().subnets = Some((Instant::now(), subnets.clone()));
+                pick_subnet(&subnets, &id.meta.availability_zone, primary)
+            }
             Err(e) => {
                 warn!("subnet discovery failed, using the primary ENI's subnet: {e}");
                 primary

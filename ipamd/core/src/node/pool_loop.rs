@@ -39,6 +39,8 @@ pub(super) struct LoopState {
     /// ENIs attached whose link has not appeared on the host yet: they count as ENIs
     /// (no second attach at their device, none while they wait) but give no addresses.
     pub(super) waiting_for_link: BTreeMap<String, LinkWait>,
+    /// Subnet discovery's last answer, and when.
+    pub(super) subnets: Option<(Instant, Vec<crate::cloud::SubnetInfo>)>,
 }
 
 /// Not before `until`; the next wait is `next`.
