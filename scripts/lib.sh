@@ -5,7 +5,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
-        echo "This needs root (network namespaces, veths, routes). Run it with sudo." >&2
+        echo "This needs root (network namespaces, veths, routes). Run it as root (on a minimal Debian there is no sudo: su - first)." >&2
         exit 1
     fi
 }

@@ -125,6 +125,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .stdout(Stdio::null())
             .stderr(log);
         let child = spawn_in_netns(netns, cmd).expect("spawn containerd");
+        // Its tasks' bundles (with each sandbox's netns) are under its state directory.
+        crate::lab::note_state("containerd-state", &dir.join("state").display().to_string());
         let me = Containerd {
             dir: dir.to_path_buf(),
             socket,

@@ -133,6 +133,19 @@ pub struct Lab {
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// For a last-resort cleanup by whoever started us (`scripts/run`, if the demo is killed
+/// before it can clean up): each namespace the lab makes is appended to the file
+/// `$VPC_CNI_LAB_STATE` names, as `netns <name>`, and the pod namespaces that existed
+/// before it as `cni-before <name>`. Everything the lab starts lives in those namespaces.
+pub fn note_state(kind: &str, value: &str) {
+    use std::io::Write;
+    if let Ok(path) = std::env::var("VPC_CNI_LAB_STATE")
+        && let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path)
+    {
+        let _ = writeln!(f, "{kind} {value}");
+    }
+}
+
 /// One lab at a time per process: two cores, and pod namespaces are told apart by name.
 static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -165,6 +178,7 @@ pub fn in_fabric<F: std::future::Future<Output = ()>>(f: impl FnOnce(String) -> 
     );
     let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
     sh(&["ip", "netns", "add", &name]);
+    note_state("netns", &name);
     struct Back(std::fs::File, String);
     impl Drop for Back {
         fn drop(&mut self) {
@@ -223,6 +237,7 @@ impl Lab {
         let id = fabric.trim_start_matches("lab-").to_string();
         let internet = format!("inet-{id}");
         sh(&["ip", "netns", "add", &internet]);
+        note_state("netns", &internet);
         let iv = format!("fi-{}", SEQ.fetch_add(1, Ordering::Relaxed));
         sh(&[
             "ip", "link", "add", &iv, "type", "veth", "peer", "name", "tmp-inet",
@@ -270,6 +285,7 @@ impl Lab {
         for (i, instance) in ids.iter().enumerate() {
             let ns = format!("node{}-{}", i + 1, lab.id);
             sh(&["ip", "netns", "add", &ns]);
+            note_state("netns", &ns);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             let dir = lab.dir.path().join(format!("node{}", i + 1));
             std::fs::create_dir_all(&dir).unwrap();
