@@ -95,7 +95,30 @@ def _tree(instance):
         "hostname": f"ip-{(primary.private_ip_address or '').replace('.', '-')}.{CONFIG['region']}.compute.internal",
         "placement": {"availability-zone": instance._placement.zone, "region": CONFIG["region"]},
         "network": {"interfaces": {"macs": {mac: _eni_tree(e) for mac, e in enis.items()}}},
+        # The instance profile's role, as the SDKs' credential chain reads it (the lab's
+        # aws-node gets its credentials the way a node without IRSA does).
+        "iam": {
+            "info": json.dumps({"Code": "Success", "InstanceProfileArn": f"arn:aws:iam::{CONFIG['account']}:instance-profile/{ROLE}"}),
+            "security-credentials": {ROLE: _credentials()},
+        },
     }
+
+
+ROLE = "eks-node-role"
+
+
+def _credentials():
+    return json.dumps(
+        {
+            "Code": "Success",
+            "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "Type": "AWS-HMAC",
+            "AccessKeyId": "ASIAEMULATOR",
+            "SecretAccessKey": "testing",
+            "Token": "emulator-session-token",
+            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6 * 3600)),
+        }
+    )
 
 
 def _lookup(tree, parts):

@@ -104,3 +104,13 @@ def test_eventual_consistency_delay(node, emulator):
     time.sleep(1.2)
     assert new in emulator.imds(path)[1].split("\n")
     assert len(emulator.imds("/latest/meta-data/network/interfaces/macs/")[1].split("\n")) == 2
+
+
+def test_instance_profile_credentials(node, emulator):
+    import json
+
+    status, role = emulator.imds("/latest/meta-data/iam/security-credentials/")
+    assert status == 200 and role.strip() == "eks-node-role"
+    status, body = emulator.imds(f"/latest/meta-data/iam/security-credentials/{role.strip()}")
+    c = json.loads(body)
+    assert c["Code"] == "Success" and c["AccessKeyId"] and c["Token"]
