@@ -14,7 +14,8 @@ need_root() {
 # for `loopback`, busybox-static for the sandbox image: the lab's container runtime;
 # openssl for the test API server's service-account key).
 DEBIAN_PACKAGES=(iproute2 iptables iputils-ping procps python3 python3-venv ca-certificates curl
-    openssl containerd runc containernetworking-plugins busybox-static)
+    openssl containerd runc containernetworking-plugins busybox-static
+    mmdebstrap umoci binutils conntrack)
 
 install_packages() {
     local missing=()

@@ -207,3 +207,55 @@ def test_dockerfile_ships_the_binaries_the_manifest_runs(node):
     assert used == {f"/app/{b}" for b in ("aws-vpc-cni", "ipamd")}
     # The entrypoint finds aws-cni and ipamd next to itself in /app.
     assert "--bins" in text and "-p aws-cni" in text and "-p ipamd" in text
+
+
+def image_of_build_script():
+    """What deploy/build-image puts in the image: /app's files, entrypoint, environment."""
+    text = open(os.path.join(DEPLOY, "build-image")).read()
+    apps = set(re.search(r"for b in ([\w\s-]+); do\n\s+install -m 0755", text).group(1).split())
+    entrypoint = re.search(r"--config.entrypoint (\S+)", text).group(1)
+    env = dict(e.split("=", 1) for e in re.findall(r"--config.env (\S+)", text))
+    return apps, entrypoint, env
+
+
+def test_build_image_and_dockerfile_describe_the_same_image():
+    docker = open(os.path.join(DEPLOY, "Dockerfile")).read()
+    apps, entrypoint, env = image_of_build_script()
+    assert apps == set(re.findall(r"/src/target/release/([\w-]+)", docker))
+    assert f'ENTRYPOINT ["{entrypoint}"]' in docker
+    # debian:bookworm-slim's PATH, which the Dockerfile's image inherits.
+    assert env == {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    # Both install iptables (both back ends) and CA certificates from Debian bookworm.
+    assert "iptables" in docker and "ca-certificates" in docker and "bookworm" in docker
+    script = open(os.path.join(DEPLOY, "build-image")).read()
+    assert "iptables" in script and "ca-certificates" in script and "bookworm" in script
+
+
+def test_a_built_image_archive_has_what_the_dockerfile_describes():
+    """Checks the archive deploy/build-image made, when there is one (scripts/test makes it)."""
+    import glob
+    import json
+    import tarfile
+
+    archives = sorted(glob.glob(os.path.join(DEPLOY, "..", ".build", "image", "aws-node-*.tar")))
+    if not archives:
+        pytest.skip("no image built (deploy/build-image)")
+    apps, entrypoint, env = image_of_build_script()
+    with tarfile.open(archives[0]) as t:
+        index = json.load(t.extractfile("index.json"))
+        blob = lambda d: t.extractfile("blobs/" + d.replace(":", "/"))  # noqa: E731
+        manifest = json.load(blob(index["manifests"][0]["digest"]))
+        config = json.load(blob(manifest["config"]["digest"]))
+        assert config["config"]["Entrypoint"] == [entrypoint]
+        assert dict(e.split("=", 1) for e in config["config"]["Env"]) == env
+        layers = []
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=blob(layer["digest"]), mode="r:*") as lt:
+                layers.append({m.name.lstrip("./") for m in lt.getmembers()})
+        # Debian's layer, then the binaries' own (a new build changes only that one).
+        assert len(layers) == 2, [len(files) for files in layers]
+        assert {f"app/{a}" for a in apps} == {f for f in layers[1] if f.startswith("app/")}
+        assert not any(f.startswith("app/") for f in layers[0])
+        files = layers[0] | layers[1]
+        for alt in ("usr/sbin/iptables-nft", "usr/sbin/iptables-legacy"):
+            assert alt in files, alt
