@@ -11,7 +11,8 @@ use crate::netns::sh;
 pub const SANDBOX_IMAGE: &str = "lab.local/pause:1";
 
 /// Builds (once per directory) a Docker-archive image whose only process is a busybox
-/// shell that sleeps until SIGTERM: the pod sandbox ("pause") image.
+/// shell that sleeps until SIGTERM: the pod sandbox ("pause") image, and (with busybox's
+/// applets in /bin) the image the cluster tests' pods run.
 pub fn sandbox_image(dir: &Path) -> PathBuf {
     let tar = dir.join("pause.tar");
     if tar.exists() {
@@ -22,7 +23,12 @@ pub fn sandbox_image(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .expect("/bin/busybox (apt-get install busybox-static)");
-    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    // Every applet under its name, as a pod's `command` names them (/bin/sleep, /bin/ping).
+    for applet in sh(&["/bin/busybox", "--list"]).split_whitespace() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+    }
     sh(&[
         "tar",
         "-C",
@@ -85,6 +91,18 @@ impl Containerd {
     /// Starts containerd in `netns` (a path) with CNI from `cni_bin` / `cni_conf`, and
     /// imports the sandbox image. Returns once the CRI answers.
     pub fn start(netns: &str, dir: &Path, cni_bin: &Path, cni_conf: &Path) -> Containerd {
+        Containerd::start_in(netns, None, dir, cni_bin, cni_conf)
+    }
+
+    /// As `start`, also inside the mount namespace `mnt` (a path) when given: a cluster
+    /// node's, where `cni_bin` and `cni_conf` are the paths the node sees.
+    pub fn start_in(
+        netns: &str,
+        mnt: Option<&str>,
+        dir: &Path,
+        cni_bin: &Path,
+        cni_conf: &Path,
+    ) -> Containerd {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
         let config = format!(
@@ -118,7 +136,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let mut cmd = Command::new("containerd");
+        let mut cmd = match mnt {
+            Some(m) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--mount={m}")).args(["--", "containerd"]);
+                c
+            }
+            None => Command::new("containerd"),
+        };
         cmd.arg("--config")
             .arg(dir.join("config.toml"))
             .stdin(Stdio::null())

@@ -217,6 +217,38 @@ impl Lab {
         knobs: &[(&str, &str)],
     ) -> Lab {
         let t0 = Instant::now();
+        let mut lab = Lab::fabric(fabric, nodes, instance_type, knobs).await;
+        for i in 0..lab.nodes.len() {
+            lab.start_node(i);
+            eprintln!("lab: node{} started in {:?}", i + 1, t0.elapsed());
+        }
+        for n in &lab.nodes {
+            let t0 = Instant::now();
+            while !n.conflist().exists() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "node{}: no conflist after 60 s\n{}",
+                    n.index,
+                    n.ipamd_log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        eprintln!("lab: every node's conflist written in {:?}", t0.elapsed());
+        lab
+    }
+
+    /// The VPC without anything running on its nodes: the emulator with `nodes` instances
+    /// of `instance_type`, the fabric following EC2, each node's namespace with its primary
+    /// ENI, the internet host. (`start` then runs the entrypoint and containerd on each;
+    /// the cluster runs kubelet instead.)
+    pub async fn fabric(
+        fabric: &str,
+        nodes: usize,
+        instance_type: &str,
+        knobs: &[(&str, &str)],
+    ) -> Lab {
+        let t0 = Instant::now();
         let emu = Emulator::start_on("0.0.0.0");
         eprintln!("lab: emulator up in {:?}", t0.elapsed());
         let ids = emu.seed(&["--type", instance_type, "--count", &nodes.to_string()]);
@@ -315,23 +347,6 @@ impl Lab {
             lab.nodes.len(),
             t0.elapsed()
         );
-        for i in 0..lab.nodes.len() {
-            lab.start_node(i);
-            eprintln!("lab: node{} started in {:?}", i + 1, t0.elapsed());
-        }
-        for n in &lab.nodes {
-            let t0 = Instant::now();
-            while !n.conflist().exists() {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(60),
-                    "node{}: no conflist after 60 s\n{}",
-                    n.index,
-                    n.ipamd_log()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        eprintln!("lab: every node's conflist written in {:?}", t0.elapsed());
         lab
     }
 

@@ -2,6 +2,7 @@
 //! themselves up, a small in-process ipamd (gRPC over a Unix socket, the real wire
 //! contract) and a runner that execs the real `aws-cni` binary as a runtime would.
 
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod fake_ipamd;
