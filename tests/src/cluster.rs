@@ -79,6 +79,8 @@ pub struct KubeNode {
     pub cgroup_root: String,
     /// When its kubelet was started (for the boot figure).
     pub kubelet_started: Option<Instant>,
+    /// The same on the wall clock (to set beside the API's timestamps).
+    pub kubelet_started_at: Option<std::time::SystemTime>,
 }
 
 impl KubeNode {
@@ -524,6 +526,7 @@ impl Cluster {
             proxy: None,
             cgroup_root: cgroup_root.clone(),
             kubelet_started: None,
+            kubelet_started_at: None,
         };
         let mnt = node.mnt();
         node.containerd = Some(Containerd::start_in(
@@ -617,6 +620,7 @@ imageGCHighThresholdPercent: 100
         .unwrap();
         let kubeconfig = self.kubeconfig(&format!("system:node:{name}"));
         node.kubelet_started = Some(Instant::now());
+        node.kubelet_started_at = Some(std::time::SystemTime::now());
         node.kubelet = Some(spawn_node(
             &netns,
             Some(&mnt),

@@ -8,7 +8,7 @@
 //! cargo run -p vpc-cni-tests --bin bench-cluster   (the harness only polls kubectl: debug is fine)
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vpc_cni_tests::cluster::Cluster;
 use vpc_cni_tests::lab::in_fabric;
@@ -91,6 +91,106 @@ async fn start_up(c: &Cluster, name: &str, host_network: bool) -> Vec<Duration> 
     running.into_values().collect()
 }
 
+/// An RFC 3339 timestamp of the API (second resolution) as a wall-clock time.
+fn api_time(v: &serde_json::Value) -> Option<SystemTime> {
+    let out = std::process::Command::new("date")
+        .args(["-d", v.as_str()?, "+%s"])
+        .output()
+        .ok()?;
+    let secs: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Seconds from `t0` to `t` (negative when the API's second rounding puts it before).
+fn since(t0: SystemTime, t: Option<SystemTime>) -> String {
+    match t {
+        Some(t) => match t.duration_since(t0) {
+            Ok(d) => format!("{:.1} s", d.as_secs_f64()),
+            Err(e) => format!("-{:.1} s", e.duration().as_secs_f64()),
+        },
+        None => "?".into(),
+    }
+}
+
+/// Where a node's boot goes, from its kubelet's start: registered, aws-node's pod created,
+/// its init container run, its main container started, the conflist written (ipamd
+/// serving), the node Ready. The API's times have a second's resolution.
+fn boot_breakdown(c: &Cluster) {
+    for n in &c.nodes {
+        let Some(t0) = n.kubelet_started_at else {
+            continue;
+        };
+        let node = c.get_json(&["node", &n.name]);
+        let pods = c.get_json(&[
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "k8s-app=aws-node",
+            "--field-selector",
+            &format!("spec.nodeName={}", n.name),
+        ]);
+        let p = &pods["items"][0];
+        let init = &p["status"]["initContainerStatuses"][0]["state"]["terminated"];
+        let main = &p["status"]["containerStatuses"][0]["state"]["running"];
+        let ready = |conds: &serde_json::Value| {
+            conds
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["type"] == "Ready"))
+                .and_then(|c| api_time(&c["lastTransitionTime"]))
+        };
+        let conflist = std::fs::metadata(n.dir.join("cni/net.d/10-aws.conflist"))
+            .and_then(|m| m.modified())
+            .ok();
+        // aws-node's own part, to the millisecond: its first log line (containerd's
+        // timestamp) to the conflist written.
+        let pod = p["metadata"]["name"].as_str().unwrap_or_default();
+        let (_, logs) = c.kubectl(&[
+            "logs",
+            "-n",
+            "kube-system",
+            pod,
+            "-c",
+            "aws-node",
+            "--timestamps",
+        ]);
+        let first = logs
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|t| {
+                let out = std::process::Command::new("date")
+                    .args(["-d", t, "+%s.%N"])
+                    .output()
+                    .ok()?;
+                let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+                Some(UNIX_EPOCH + Duration::from_secs_f64(secs))
+            });
+        if let (Some(first), Some(written)) = (first, conflist) {
+            println!(
+                "{}: aws-node's first log line -> conflist written: {}",
+                n.name,
+                written
+                    .duration_since(first)
+                    .map(ms)
+                    .unwrap_or_else(|_| "?".into())
+            );
+        }
+        println!(
+            "{}: from kubelet start: registered {}, aws-node pod created {}, init container {}..{}, aws-node started {}, conflist written {}, node Ready {}, aws-node pod Ready {}",
+            n.name,
+            since(t0, api_time(&node["metadata"]["creationTimestamp"])),
+            since(t0, api_time(&p["metadata"]["creationTimestamp"])),
+            since(t0, api_time(&init["startedAt"])),
+            since(t0, api_time(&init["finishedAt"])),
+            since(t0, api_time(&main["startedAt"])),
+            since(t0, conflist),
+            since(t0, ready(&node["status"]["conditions"])),
+            since(t0, ready(&p["status"]["conditions"])),
+        );
+    }
+}
+
 fn main() {
     vpc_cni_tests::require_root();
     in_fabric(async |fabric| {
@@ -106,7 +206,13 @@ fn main() {
                 ready.map(ms).unwrap_or_default()
             );
         }
-        for round in 1..=2 {
+        boot_breakdown(&c);
+        for round in 1..=3 {
+            if round > 1 {
+                // The previous round's addresses out of their cooldown (IP_COOLDOWN_PERIOD,
+                // 30 s, as upstream): each round starts from the same warm pool.
+                tokio::time::sleep(Duration::from_secs(31)).await;
+            }
             let mut cni = start_up(&c, &format!("cni{round}"), false).await;
             let mut host = start_up(&c, &format!("host{round}"), true).await;
             println!(
