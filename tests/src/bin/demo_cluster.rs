@@ -144,14 +144,21 @@ async fn run(fabric: String) -> bool {
             &first,
             &format!("printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}"),
         );
-        let answer = out.lines().rev().find(|l| l.contains("saw")).unwrap_or("");
+        // (busybox httpd writes an IPv4 peer as [::ffff:a.b.c.d].)
+        let answer = out
+            .lines()
+            .rev()
+            .find(|l| l.contains("saw"))
+            .unwrap_or("")
+            .replace("[::ffff:", "")
+            .replace(']', "");
         ok &= done && !answer.is_empty();
         println!(
             "{first} -> {what}: {}",
             if answer.is_empty() {
                 out.trim()
             } else {
-                answer
+                &answer
             }
         );
     }
