@@ -536,6 +536,9 @@ async fn an_eni_whose_link_never_appears_is_waited_for_not_attached_again_() {
     })
     .await;
     assert_eq!(ready, 0, "{}", d.log());
+    // The ENI it waited for is the one it has: no other was created meanwhile.
+    assert_eq!(counts(&emu, &id).await.0, 2, "{}", d.log());
+    assert_eq!(calls(&emu, "AttachNetworkInterface"), 1, "{}", d.log());
     let mut devices = BTreeSet::new();
     for i in 3..14 {
         let r = c.add(&format!("p{i}")).await.unwrap();
@@ -546,7 +549,8 @@ async fn an_eni_whose_link_never_appears_is_waited_for_not_attached_again_() {
         devices.contains(&1),
         "the second ENI serves now: {devices:?}"
     );
-    assert_eq!(counts(&emu, &id).await.0, 2);
+    // (14 pods leave fewer than an ENI's worth spare: WARM_ENI_TARGET=1 may now attach a
+    // third, at device 2, any time.)
     d.hotplug.take();
 }
 
