@@ -424,34 +424,24 @@ async fn services_reach_backends_everywhere(
     let svc = c.get_json(&["service", "-n", "default", "web"]);
     let vip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
     let mut answered = BTreeSet::new();
+    // The nodes the answering backends are on, and whether they are on secondary ENIs.
+    let spread = |answered: &BTreeSet<String>| {
+        let on: Vec<&(String, Ipv4Addr, i32)> =
+            answered.iter().filter_map(|p| web.get(p)).collect();
+        let nodes: BTreeSet<String> = on.iter().map(|(n, _, _)| n.clone()).collect();
+        let secondary: BTreeSet<bool> = on.iter().map(|(_, _, d)| *d > 0).collect();
+        (nodes, secondary)
+    };
     for _ in 0..120 {
         if let Some((_, server)) = ask_from_pod(c, "client1", &vip, 80) {
             answered.insert(server);
         }
-        let nodes: BTreeSet<&String> = answered
-            .iter()
-            .filter_map(|p| web.get(p))
-            .map(|(n, _, _)| n)
-            .collect();
-        let devices: BTreeSet<bool> = answered
-            .iter()
-            .filter_map(|p| web.get(p))
-            .map(|(_, _, d)| *d > 0)
-            .collect();
+        let (nodes, devices) = spread(&answered);
         if nodes.len() == 2 && devices.len() == 2 {
             break;
         }
     }
-    let nodes: BTreeSet<&String> = answered
-        .iter()
-        .filter_map(|p| web.get(p))
-        .map(|(n, _, _)| n)
-        .collect();
-    let devices: BTreeSet<bool> = answered
-        .iter()
-        .filter_map(|p| web.get(p))
-        .map(|(_, _, d)| *d > 0)
-        .collect();
+    let (nodes, devices) = spread(&answered);
     eprintln!("ClusterIP {vip}: {} backends answered", answered.len());
     assert_eq!(nodes.len(), 2, "backends on both nodes: {answered:?}");
     assert_eq!(
@@ -794,8 +784,25 @@ async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
         "--force",
         "--timeout=180s",
     ]);
-    // Its pods are gone, and its ENIs stay (no ENI freed or attached while cordoned).
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Its pods are gone: the policy now wants an ENI freed (the warm target is exceeded),
+    // and the cordon holds it: no ENI freed or attached while cordoned.
+    let t0 = Instant::now();
+    loop {
+        let p = pool(c, 1);
+        if p["next"] == "free an ENI" && !p["node"]["eniHold"].is_null() {
+            eprintln!(
+                "drained {node}: the policy says {}, held: {}",
+                p["next"], p["node"]["eniHold"]
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "a drained node's pool never wanted an ENI freed while held: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let enis_during = c
         .lab
         .enis()
