@@ -240,11 +240,15 @@ impl Cluster {
         format!("token-{}", identity.replace([':', '@'], "-"))
     }
 
-    /// A kubeconfig for `user` with its static token.
+    /// A kubeconfig for `user` with its static token (written once: every kubectl call
+    /// reads the admin's).
     fn kubeconfig(&self, user: &str) -> PathBuf {
         let path = self
             .dir
             .join(format!("{}.kubeconfig", user.replace(':', "-")));
+        if path.exists() {
+            return path;
+        }
         let ca = self.dir.join("certs/apiserver.crt");
         std::fs::write(
             &path,
@@ -686,11 +690,8 @@ imageGCHighThresholdPercent: 100
 
     /// kubectl as the cluster's admin: (success, stdout + stderr).
     pub fn kubectl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(k8s_bin("kubectl"))
-            .arg(format!(
-                "--kubeconfig={}",
-                self.kubeconfig("admin").display()
-            ))
+        let out = self
+            .kubectl_cmd()
             .arg("--request-timeout=30s")
             .args(args)
             .output()
@@ -705,6 +706,16 @@ imageGCHighThresholdPercent: 100
         )
     }
 
+    /// kubectl with the admin's kubeconfig.
+    fn kubectl_cmd(&self) -> Command {
+        let mut cmd = Command::new(k8s_bin("kubectl"));
+        cmd.arg(format!(
+            "--kubeconfig={}",
+            self.kubeconfig("admin").display()
+        ));
+        cmd
+    }
+
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let (ok, out) = self.kubectl(args);
         assert!(ok, "kubectl {args:?}: {out}");
@@ -716,14 +727,7 @@ imageGCHighThresholdPercent: 100
         let mut a = vec!["get"];
         a.extend_from_slice(args);
         a.extend_from_slice(&["-o", "json"]);
-        let out = Command::new(k8s_bin("kubectl"))
-            .arg(format!(
-                "--kubeconfig={}",
-                self.kubeconfig("admin").display()
-            ))
-            .args(&a)
-            .output()
-            .expect("kubectl");
+        let out = self.kubectl_cmd().args(&a).output().expect("kubectl");
         assert!(
             out.status.success(),
             "kubectl {a:?}: {}",
