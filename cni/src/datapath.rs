@@ -4,12 +4,16 @@
 //! `default via 169.254.1.1`; a PERMANENT neighbour 169.254.1.1 -> host veth MAC.
 //! Host side: `IP/32 dev <host veth> scope link`; rule `to IP lookup main` pref 512;
 //! for an address on a secondary ENI, rule `from IP lookup <table>` pref 1536.
+//! The host veth carries a MAC no other host link has, and upstream's IPv6 settings
+//! (`accept_ra=0`, `accept_redirects=1`, `forwarding=0`) whatever the node's defaults.
+//! Routes are `proto boot`, as upstream's. txqueuelen stays the kernel's 1000 (upstream
+//! leaves 0, which turns any queueing discipline later attached into a one-packet queue).
 
 use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 
 use vpc_cni_netlink::{
-    Link, MAIN_TABLE, NeighbourState, Netlink, NlResult, RouteScope, Rule, format_mac,
+    Link, MAIN_TABLE, NeighbourState, Netlink, NlResult, Route, RouteScope, Rule, format_mac,
 };
 
 /// The pod's gateway: a link-local address that exists nowhere; the permanent
@@ -93,13 +97,15 @@ pub fn is_peer(pod_if: &Link, host_veth: Option<&Link>) -> bool {
 
 /// Builds the datapath. On error, what was created so far is left for
 /// [`undo_setup`], which the caller runs. `old` is what [`occupants`] found: ours, and
-/// removed first (creation would fail on it).
+/// removed first (creation would fail on it). `taken_macs` are the MACs of the host's
+/// links, which the host veth's must differ from.
 pub async fn setup(
     host: &Netlink,
     pod: &Netlink,
     pod_netns: RawFd,
     spec: &PodSpec,
     old: &Occupants,
+    taken_macs: &[[u8; 6]],
 ) -> NlResult<Built> {
     if let Some(stale) = &old.host_veth {
         host.delete_link(stale.index).await?;
@@ -107,10 +113,22 @@ pub async fn setup(
     if let Some(stale) = &old.stale_pod_if {
         pod.delete_link(stale.index).await?;
     }
-    host.add_veth_into(&spec.host_veth, &spec.if_name, spec.mtu, pod_netns)
+    let mac = pick_host_mac(taken_macs, random_mac).ok_or_else(|| vpc_cni_netlink::NlError {
+        op: format!("pick a MAC for {}", spec.host_veth),
+        errno: None,
+        text: "every random MAC drawn is taken by another host link".into(),
+    })?;
+    host.add_veth_into(&spec.host_veth, mac, &spec.if_name, spec.mtu, pod_netns)
         .await?;
     let host_link = must_exist(host, &spec.host_veth, "host").await?;
     let pod_link = must_exist(pod, &spec.if_name, "pod").await?;
+    // Before the host end is up: a router advertisement a pod sends must never reach a
+    // host veth that listens to it.
+    set_host_veth_sysctls(&spec.host_veth).map_err(|(path, e)| vpc_cni_netlink::NlError {
+        op: format!("write {path}"),
+        errno: e.raw_os_error(),
+        text: e.to_string(),
+    })?;
 
     pod.set_up(pod_link.index).await?;
     pod.add_address(pod_link.index, spec.ip, 32).await?;
@@ -172,6 +190,57 @@ pub async fn setup(
     })
 }
 
+/// Upstream's IPv6 settings of the host veth, written rather than inherited from the
+/// node's `default`: never take router advertisements from a pod, accept redirects, no
+/// forwarding. A kernel without IPv6 has no such files: nothing to set.
+pub const HOST_VETH_SYSCTLS: [(&str, &str); 3] = [
+    ("accept_ra", "0"),
+    ("accept_redirects", "1"),
+    ("forwarding", "0"),
+];
+
+fn set_host_veth_sysctls(veth: &str) -> Result<(), (String, std::io::Error)> {
+    for (key, value) in HOST_VETH_SYSCTLS {
+        let path = format!("/proc/sys/net/ipv6/conf/{veth}/{key}");
+        // Written only when it differs: a write of `forwarding` takes the RTNL lock
+        // (restarting the syscall while another ADD holds it), a read does not.
+        match std::fs::read_to_string(&path) {
+            Ok(now) if now.trim() == value => continue,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err((path, e)),
+        }
+        std::fs::write(&path, value).map_err(|e| (path, e))?;
+    }
+    Ok(())
+}
+
+/// A locally administered unicast MAC that no link in `taken` carries, drawn from `draw`
+/// (a few tries: with 46 random bits a second one is already a formality).
+pub fn pick_host_mac(taken: &[[u8; 6]], mut draw: impl FnMut() -> [u8; 6]) -> Option<[u8; 6]> {
+    (0..8).find_map(|_| {
+        let mut m = draw();
+        m[0] = (m[0] & 0xfe) | 0x02;
+        (!taken.contains(&m)).then_some(m)
+    })
+}
+
+fn random_mac() -> [u8; 6] {
+    let mut m = [0u8; 6];
+    // getrandom(2) for 6 bytes does not block once the pool is initialised (at boot).
+    let n = unsafe { libc::getrandom(m.as_mut_ptr().cast(), m.len(), 0) };
+    if n != m.len() as isize {
+        // Never seen; the clock's nanoseconds and the pid still differ per call.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+            ^ ((std::process::id() as u128) << 64);
+        m.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    m
+}
+
 async fn must_exist(nl: &Netlink, name: &str, side: &str) -> NlResult<Link> {
     nl.link(name)
         .await?
@@ -190,17 +259,7 @@ pub async fn undo_setup(host: &Netlink, spec: &PodSpec) -> NlResult<()> {
     {
         host.delete_link(l.index).await?;
     }
-    remove_host_rules(host, spec.ip).await
-}
-
-/// Deletes the policy rules this plugin adds for `ip` (pref 512 and 1536).
-pub async fn remove_host_rules(host: &Netlink, ip: Ipv4Addr) -> NlResult<()> {
-    for r in host.rules().await? {
-        if is_pod_rule(&r, ip) {
-            host.delete_rule(&r).await?;
-        }
-    }
-    Ok(())
+    remove_rules(host, &[spec.ip], &[], None).await
 }
 
 fn is_pod_rule(r: &Rule, ip: Ipv4Addr) -> bool {
@@ -209,12 +268,25 @@ fn is_pod_rule(r: &Rule, ip: Ipv4Addr) -> bool {
 }
 
 /// What the node shows of one sandbox's datapath, found without trusting anyone's word:
-/// its host veth (a veth by the name this plugin gives it), the /32s routed to that veth,
-/// and the address of the pod's interface when it is that veth's peer.
+/// its host veth (a veth by the name this plugin gives it), the /32 routes to that veth,
+/// and the addresses of the pod's interface when it is that veth's peer.
 #[derive(Debug, Default)]
 pub struct Found {
     pub host_veth: Option<Link>,
-    pub ips: Vec<Ipv4Addr>,
+    /// Routes `IP/32 dev <host veth>` in main: their addresses are this sandbox's.
+    pub routes: Vec<Route>,
+    /// Addresses only the pod's interface shows (a repeated DEL, after the routes went):
+    /// the address may be another pod's by now.
+    pub pod_only: Vec<Ipv4Addr>,
+}
+
+impl Found {
+    pub fn ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.routes
+            .iter()
+            .map(|r| r.dst)
+            .chain(self.pod_only.iter().copied())
+    }
 }
 
 pub async fn find(
@@ -231,9 +303,9 @@ pub async fn find(
         if r.table == MAIN_TABLE
             && r.dst_len == 32
             && r.oif == Some(h.index)
-            && !found.ips.contains(&r.dst)
+            && !found.routes.iter().any(|o| o.dst == r.dst)
         {
-            found.ips.push(r.dst);
+            found.routes.push(r);
         }
     }
     if let Some(pod) = pod
@@ -241,8 +313,8 @@ pub async fn find(
         && is_peer(&p, Some(&h))
     {
         for (ip, len) in pod.ipv4_addresses(p.index).await? {
-            if len == 32 && !found.ips.contains(&ip) {
-                found.ips.push(ip);
+            if len == 32 && !found.ips().any(|o| o == ip) {
+                found.pod_only.push(ip);
             }
         }
     }
@@ -250,30 +322,61 @@ pub async fn find(
     Ok(found)
 }
 
-/// Takes down what [`find`] found: the host rules of its addresses, then the veth pair
-/// (deleting the host end takes the pod's end and the host routes with it, also while
-/// the pod's namespace is still being torn down).
-pub async fn teardown(host: &Netlink, found: &Found) -> NlResult<()> {
-    for ip in &found.ips {
-        remove_host_rules(host, *ip).await?;
-    }
+/// Takes down what [`find`] found: the host rules of its addresses (of an address only
+/// the pod shows, unless another link routes it now), then the host veth. With
+/// `keep_veth` (the pod's namespace still exists, and the runtime removes it next) the
+/// veth's routes go and it is set down, which leaves nothing any pod can use, and the
+/// pair goes with the namespace, as upstream leaves it: deleting a veth costs ~20 ms of
+/// RCU grace periods that the kernel's namespace clean-up pays once for many. Without it
+/// (no namespace to take the pair along) the veth is deleted.
+pub async fn teardown(host: &Netlink, found: &Found, keep_veth: bool) -> NlResult<()> {
+    let ours = found.host_veth.as_ref().map(|h| h.index);
+    let mine: Vec<Ipv4Addr> = found.routes.iter().map(|r| r.dst).collect();
+    remove_rules(host, &mine, &found.pod_only, ours).await?;
     if let Some(h) = &found.host_veth {
-        host.delete_link(h.index).await?;
+        if keep_veth {
+            for r in &found.routes {
+                host.delete_route(r).await?;
+            }
+            host.set_down(h.index).await?;
+        } else {
+            host.delete_link(h.index).await?;
+        }
     }
     Ok(())
 }
 
-/// Whether a live link other than `ours` routes `ip` (another pod has it now).
-pub async fn routed_elsewhere(host: &Netlink, ip: Ipv4Addr, ours: &str) -> NlResult<bool> {
-    let links = host.links().await?;
-    Ok(host.routes().await?.iter().any(|r| {
-        r.table == MAIN_TABLE
-            && r.dst == ip
-            && r.dst_len == 32
-            && links
+/// Deletes the policy rules this plugin adds (pref 512 and 1536) for the addresses in
+/// `mine`, and for those in `maybe` unless a route in main sends that /32 to a link other
+/// than `ours` (another pod has the address now). Rules are listed before routes: a pod
+/// that takes the address adds its route before its rules, so a rule of that pod seen
+/// here always comes with its route seen after it.
+pub async fn remove_rules(
+    host: &Netlink,
+    mine: &[Ipv4Addr],
+    maybe: &[Ipv4Addr],
+    ours: Option<u32>,
+) -> NlResult<()> {
+    if mine.is_empty() && maybe.is_empty() {
+        return Ok(());
+    }
+    let rules = host.rules().await?;
+    let mut ips = mine.to_vec();
+    if !maybe.is_empty() {
+        let routes = host.routes().await?;
+        ips.extend(maybe.iter().copied().filter(|ip| {
+            !routes
                 .iter()
-                .any(|l| Some(l.index) == r.oif && l.name != ours)
-    }))
+                .any(|r| r.table == MAIN_TABLE && r.dst == *ip && r.dst_len == 32 && r.oif != ours)
+        }));
+    }
+    for r in rules
+        .iter()
+        .filter(|r| ips.iter().any(|ip| is_pod_rule(r, *ip)))
+    {
+        host.delete_rule(r).await?;
+    }
+    Ok(())
 }
 
 /// CHECK: every piece of the datapath is as ADD left it. Returns what differs.
@@ -365,4 +468,27 @@ pub async fn check(host: &Netlink, pod: &Netlink, spec: &PodSpec) -> NlResult<Ve
         ));
     }
     Ok(wrong)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_mac_is_local_unicast_and_never_taken() {
+        let taken = [[0x02, 1, 2, 3, 4, 5], [0x06, 9, 9, 9, 9, 9]];
+        // The first two draws collide (once the local bit is set, multicast bit cleared).
+        let mut draws = vec![
+            [0x07, 9, 9, 9, 9, 9],
+            [0x03, 1, 2, 3, 4, 5],
+            [0xff, 1, 1, 1, 1, 1],
+        ];
+        let m = pick_host_mac(&taken, || draws.remove(0)).unwrap();
+        assert_eq!(m, [0xfe, 1, 1, 1, 1, 1]);
+        assert!(draws.is_empty());
+        // Every draw taken: refused, never a duplicate.
+        assert_eq!(pick_host_mac(&taken, || [0x02, 1, 2, 3, 4, 5]), None);
+        let r = random_mac();
+        assert_ne!(r, random_mac());
+    }
 }

@@ -10,4 +10,5 @@ pub mod ipamd;
 pub mod log;
 pub mod plugin;
 pub mod result;
+pub mod upstream;
 pub mod version;

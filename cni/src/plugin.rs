@@ -15,6 +15,7 @@ use crate::datapath::{self, GATEWAY, PodSpec};
 use crate::error::{CniError, ErrorCode, Result};
 use crate::ipamd::{CLIENT_VERSION, CallError, Ipamd};
 use crate::result::{CniResult, Interface, IpConfig, Route};
+use crate::upstream;
 use vpc_cni_netlink::netns::NetNs;
 use vpc_cni_netlink::{Netlink, format_mac};
 
@@ -266,8 +267,9 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         .map_err(|why| CniError::datapath(format!("cannot set up {}: {why}", env.if_name)))?;
 
     let ipamd = Ipamd::connect(&conf.ipamd).await?;
-    let reply = ipamd
-        .add(AddNetworkRequest {
+    // The host's MACs (the host veth's must be new) are read while ipamd answers.
+    let (reply, links) = tokio::join!(
+        ipamd.add(AddNetworkRequest {
             k8s_pod_name: k8s.pod_name.clone(),
             k8s_pod_namespace: k8s.pod_namespace.clone(),
             k8s_pod_infra_container_id: k8s.pod_infra_container_id.clone(),
@@ -277,8 +279,10 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
             container_id: env.container_id.clone(),
             client_version: CLIENT_VERSION.to_string(),
             requires_multi_nic_attachment: false,
-        })
-        .await?;
+        }),
+        sides.host.link_macs()
+    );
+    let reply = reply?;
     if !reply.success {
         return Err(CniError::new(
             ErrorCode::TryAgainLater,
@@ -320,6 +324,13 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
             ));
         }
     };
+    let taken_macs: Vec<[u8; 6]> = match links {
+        Ok(m) => m,
+        Err(e) => {
+            release("listing the host's links failed".into()).await;
+            return Err(CniError::datapath("cannot list the host's links").with_details(e));
+        }
+    };
     let spec = PodSpec {
         ip,
         table: table_of(&meta),
@@ -330,37 +341,48 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         meta.device_number, spec.table
     );
 
-    let built =
-        match datapath::setup(&sides.host, &sides.pod, sides.pod_ns.raw_fd(), &spec, &old).await {
-            Ok(b) => b,
-            Err(e) => {
-                if let Err(undo) = datapath::undo_setup(&sides.host, &spec).await {
-                    error!("cleanup after failed setup also failed: {undo}");
-                }
-                release(format!("datapath setup failed ({e})")).await;
-                return Err(CniError::datapath(format!(
-                    "could not build the datapath for {ip} on {}",
-                    spec.host_veth
-                ))
-                .with_details(e));
+    let built = match datapath::setup(
+        &sides.host,
+        &sides.pod,
+        sides.pod_ns.raw_fd(),
+        &spec,
+        &old,
+        &taken_macs,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            if let Err(undo) = datapath::undo_setup(&sides.host, &spec).await {
+                error!("cleanup after failed setup also failed: {undo}");
             }
-        };
+            release(format!("datapath setup failed ({e})")).await;
+            return Err(CniError::datapath(format!(
+                "could not build the datapath for {ip} on {}",
+                spec.host_veth
+            ))
+            .with_details(e));
+        }
+    };
     info!(
         "pod {}/{} has {ip} on {} (host veth {})",
         k8s.pod_namespace, k8s.pod_name, spec.if_name, spec.host_veth
     );
 
-    let ours = CniResult {
+    let mut ours = CniResult {
         interfaces: vec![
             Interface {
                 name: built.host.name.clone(),
                 mac: format_mac(&built.host.mac),
-                sandbox: None,
+                ..Default::default()
             },
             Interface {
                 name: built.pod.name.clone(),
                 mac: format_mac(&built.pod.mac),
                 sandbox: Some(env.netns.clone()),
+                // Upstream's DEL reads the address's route table here (1 = main).
+                pci_id: Some(spec.table.unwrap_or(1).to_string()),
+                ..Default::default()
             },
         ],
         ips: vec![IpConfig {
@@ -374,6 +396,16 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         }],
         dns: Value::Null,
     };
+    if !k8s.pod_name.is_empty() {
+        // Upstream's `dummy`, for its DEL from this prevResult (upstream.rs). Only for a
+        // Kubernetes pod, the only place upstream's plugin can follow ours: its `mac` of
+        // "0" is no MAC, which podman refuses.
+        ours.interfaces.push(crate::upstream::dummy_interface(
+            &k8s.pod_namespace,
+            &k8s.pod_name,
+            meta.device_number,
+        ));
+    }
     let result = match prev {
         Some(p) => p.chain(ours),
         None => ours,
@@ -384,21 +416,48 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
 /// DEL succeeds whenever nothing of the pod is left: when repeated, when the netns is
 /// gone, empty or not a namespace at all, and when ipamd is unreachable. It never needs
 /// to enter the pod's namespace, and it takes the datapath down before the address is
-/// released: an address ipamd may hand to the next pod never has this pod's veth,
-/// routes or rules left behind.
+/// released: an address ipamd may hand to the next pod never has this pod's routes or
+/// rules left behind, and the host veth is down (or gone) before then.
 async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     env.require_container_id()?;
     env.require_if_name()?;
     let k8s = K8sArgs::parse(&env.args)?;
-    let prev_ip = conf
+    let prev = conf
         .prev_result
         .as_ref()
-        .and_then(|v| CniResult::from_prev(v).ok())
-        .and_then(|r| r.sandbox_ipv4(&env.if_name));
-    let veth = host_veth(conf, env, &k8s);
+        .and_then(|v| CniResult::from_prev(v).ok());
+    // What to take down: this attachment, and the further ones of a pod upstream's plugin
+    // set up, as its result says.
+    let mut targets = vec![Target {
+        host_veth: host_veth(conf, env, &k8s),
+        if_name: env.if_name.clone(),
+        prev_ip: prev.as_ref().and_then(|r| r.sandbox_ipv4(&env.if_name)),
+    }];
+    if let Some(prev) = &prev {
+        match upstream::decode(
+            prev,
+            &conf.veth_prefix,
+            &k8s.pod_namespace,
+            &k8s.pod_name,
+            &env.if_name,
+        ) {
+            Ok(upstream::Decoded::Attachments(a)) => {
+                targets.extend(a.into_iter().skip(1).map(|a| Target {
+                    host_veth: a.host_veth,
+                    if_name: a.if_name,
+                    prev_ip: Some(a.ip),
+                }))
+            }
+            Ok(upstream::Decoded::Branch(vlan)) => warn!(
+                "DEL: prevResult is of a pod on a branch ENI (VLAN {vlan}); its VLAN link and rules are upstream's security-groups-for-pods datapath, which this plugin does not build: only the veth is taken down"
+            ),
+            Ok(upstream::Decoded::Absent) => {}
+            Err(why) => warn!("DEL: prevResult's upstream encoding is malformed ({why}): not used"),
+        }
+    }
 
-    // 1. What the node shows is this sandbox's: its host veth, the /32s routed to it,
-    //    the pod interface's address when that is the veth's peer.
+    // 1. What the node shows is this sandbox's: its host veths, the /32s routed to them,
+    //    the pod interfaces' addresses when they are the veths' peers.
     let (host, pod) = match pod_ns(&env.netns)? {
         PodNs::Open(s) => (s.host, Some(s.pod)),
         PodNs::Gone => (host_netlink()?, None),
@@ -407,17 +466,31 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             (host_netlink()?, None)
         }
     };
-    let found = datapath::find(&host, pod.as_ref(), &veth, &env.if_name)
-        .await
-        .map_err(|e| CniError::datapath("cannot read the pod's datapath").with_details(e))?;
+    let mut found = Vec::with_capacity(targets.len());
+    for t in &targets {
+        found.push(
+            datapath::find(&host, pod.as_ref(), &t.host_veth, &t.if_name)
+                .await
+                .map_err(|e| {
+                    CniError::datapath("cannot read the pod's datapath").with_details(e)
+                })?,
+        );
+    }
 
     // 2. Take it down first; a failure here leaves the address held, and DEL is retried.
-    datapath::teardown(&host, &found).await.map_err(|e| {
-        CniError::datapath(format!("could not remove the datapath of {veth}")).with_details(e)
-    })?;
+    //    The veth pair goes with the pod's namespace when there is one (the runtime
+    //    removes it next); without one, nothing else would remove it.
+    for (t, f) in targets.iter().zip(&found) {
+        datapath::teardown(&host, f, pod.is_some())
+            .await
+            .map_err(|e| {
+                CniError::datapath(format!("could not remove the datapath of {}", t.host_veth))
+                    .with_details(e)
+            })?;
+    }
 
     // 3. Release the address. ipamd tells us which it was.
-    let released: std::result::Result<Option<(Ipv4Addr, Option<u32>)>, CallError> = async {
+    let released: std::result::Result<Option<Ipv4Addr>, CallError> = async {
         let ipamd = Ipamd::connect(&conf.ipamd).await?;
         let reply = ipamd
             .del(del_request(env, conf, &k8s, "PodDeleted"))
@@ -434,7 +507,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         Ok(reply
             .ip_allocation_metadata
             .first()
-            .and_then(|m| Some((m.i_pv4_addr.parse().ok()?, table_of(m)))))
+            .and_then(|m| m.i_pv4_addr.parse().ok()))
     }
     .await;
 
@@ -442,30 +515,40 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     //    ipamd's word, or prevResult when ipamd cannot be asked. Never when ipamd says
     //    the container holds nothing (a repeated DEL: the address may be another pod's
     //    now), nor when another pod's veth routes it.
-    let other = match &released {
-        Ok(Some((ip, _))) => Some(*ip),
-        Ok(None) => None,
-        Err(CallError::Unreachable(e)) => {
-            warn!("ipamd unreachable on DEL, tearing down from local state: {e}");
-            prev_ip
-        }
-        Err(CallError::Failed(_)) => prev_ip,
-    };
-    if let Some(ip) = other.filter(|ip| !found.ips.contains(ip)) {
-        let taken = datapath::routed_elsewhere(&host, ip, &veth)
-            .await
-            .map_err(|e| CniError::datapath("cannot read host routes").with_details(e))?;
-        if !taken {
-            datapath::remove_host_rules(&host, ip).await.map_err(|e| {
-                CniError::datapath(format!("could not remove the host rules of {ip}"))
-                    .with_details(e)
-            })?;
+    for (i, (t, f)) in targets.iter().zip(&found).enumerate() {
+        // A further attachment is upstream's alone (ipamd answers for the first): its
+        // prevResult address, guarded as any address the node did not show as ours.
+        let other = match &released {
+            _ if i > 0 => t.prev_ip,
+            Ok(ip) => *ip,
+            Err(CallError::Unreachable(e)) => {
+                warn!("ipamd unreachable on DEL, tearing down from local state: {e}");
+                t.prev_ip
+            }
+            Err(CallError::Failed(_)) => t.prev_ip,
+        };
+        if let Some(ip) = other.filter(|ip| !f.ips().any(|o| o == *ip)) {
+            let ours = f.host_veth.as_ref().map(|h| h.index);
+            datapath::remove_rules(&host, &[], &[ip], ours)
+                .await
+                .map_err(|e| {
+                    CniError::datapath(format!("could not remove the host rules of {ip}"))
+                        .with_details(e)
+                })?;
         }
     }
     match released {
         Err(CallError::Failed(e)) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// One attachment DEL takes down.
+struct Target {
+    host_veth: String,
+    if_name: String,
+    /// Its address in prevResult, if any.
+    prev_ip: Option<Ipv4Addr>,
 }
 
 async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
@@ -604,9 +687,12 @@ async fn gc(conf: &NetConf) -> Result<()> {
             "GC released {ip} of container {} ({})",
             r.container_id, r.if_name
         );
-        datapath::remove_host_rules(&host, ip).await.map_err(|e| {
-            CniError::datapath(format!("could not remove the host rules of {ip}")).with_details(e)
-        })?;
+        datapath::remove_rules(&host, &[ip], &[], None)
+            .await
+            .map_err(|e| {
+                CniError::datapath(format!("could not remove the host rules of {ip}"))
+                    .with_details(e)
+            })?;
     }
     if !reply.success {
         return Err(CniError::new(

@@ -14,6 +14,19 @@ pub struct Interface {
     pub mac: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
+    /// CNI 1.1's field; upstream's plugin keeps the route table of the pod's interface in it.
+    #[serde(default, rename = "pciID", skip_serializing_if = "Option::is_none")]
+    pub pci_id: Option<String>,
+    /// CNI 1.1's field; upstream's `dummy` interface keeps its interface count in it.
+    #[serde(
+        default,
+        rename = "socketPath",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket_path: Option<String>,
+    /// Whatever else an earlier plugin in the chain wrote: passed on untouched.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +109,16 @@ impl CniResult {
             if map.get("dns").is_some_and(Value::is_null) {
                 map.insert("dns".into(), Value::Object(Default::default()));
             }
+            // Before 1.0 an interface has no pciID or socketPath (upstream's results of
+            // those versions carry neither).
+            if version.ip_has_version_field()
+                && let Some(Value::Array(ifs)) = map.get_mut("interfaces")
+            {
+                for i in ifs.iter_mut().filter_map(Value::as_object_mut) {
+                    i.remove("pciID");
+                    i.remove("socketPath");
+                }
+            }
             if version.ip_has_version_field()
                 && let Some(Value::Array(ips)) = map.get_mut("ips")
             {
@@ -124,12 +147,14 @@ mod tests {
                 Interface {
                     name: "eni0123456789a".into(),
                     mac: "aa:bb:cc:dd:ee:01".into(),
-                    sandbox: None,
+                    ..Default::default()
                 },
                 Interface {
                     name: "eth0".into(),
                     mac: "aa:bb:cc:dd:ee:02".into(),
                     sandbox: Some("/var/run/netns/x".into()),
+                    pci_id: Some("1".into()),
+                    ..Default::default()
                 },
             ],
             ips: vec![IpConfig {
@@ -148,8 +173,13 @@ mod tests {
         let old = r.to_json(CniVersion::parse("0.3.1").unwrap(), "0.3.1");
         assert_eq!(old["ips"][0]["version"], "4");
         assert_eq!(old["cniVersion"], "0.3.1");
+        assert!(
+            old["interfaces"][1].get("pciID").is_none(),
+            "no pciID before 1.0"
+        );
         let new = r.to_json(CniVersion::parse("1.0.0").unwrap(), "1.0.0");
         assert!(new["ips"][0].get("version").is_none());
+        assert_eq!(new["interfaces"][1]["pciID"], "1");
         assert_eq!(new["interfaces"][1]["mac"], "aa:bb:cc:dd:ee:02");
         assert!(new["dns"].is_object());
     }
@@ -179,5 +209,19 @@ mod tests {
         let r = CniResult::from_prev(&v).unwrap();
         assert_eq!(r.sandbox_ipv4("eth0"), Some("10.1.1.1".parse().unwrap()));
         assert_eq!(r.sandbox_ipv4("eth1"), None);
+    }
+
+    #[test]
+    fn an_earlier_plugins_fields_are_passed_on() {
+        let prev = CniResult::from_prev(&serde_json::json!({
+            "interfaces": [{"name": "net9", "mtu": 1400, "pciID": "0000:00:1f.6", "x-vendor": {"a": 1}}]
+        }))
+        .unwrap();
+        let out = prev
+            .chain(ours())
+            .to_json(CniVersion::parse("1.1.0").unwrap(), "1.1.0");
+        assert_eq!(out["interfaces"][0]["mtu"], 1400);
+        assert_eq!(out["interfaces"][0]["pciID"], "0000:00:1f.6");
+        assert_eq!(out["interfaces"][0]["x-vendor"]["a"], 1);
     }
 }

@@ -73,7 +73,7 @@ fn undo_after_a_complete_setup_leaves_nothing() {
         };
         // The host end must be created from inside the node namespace.
         let old = datapath::occupants(&host, &pod_nl, &spec).await.unwrap();
-        let built = datapath::setup(&host, &pod_nl, pod_ns.raw_fd(), &spec, &old)
+        let built = datapath::setup(&host, &pod_nl, pod_ns.raw_fd(), &spec, &old, &[])
             .await
             .unwrap();
         assert_eq!(built.pod.mtu, 1500);

@@ -177,6 +177,46 @@ pub struct World {
 }
 
 impl World {
+    /// Nothing of any pod on the node that a pod could use: no host veth up (DEL leaves
+    /// a pod's pair, down, for the removal of its namespace), no pod rule, no route to a
+    /// pod address (10.0.9.0/24 in these tests).
+    pub fn assert_node_clean(&self) {
+        let links = self.node.ns.exec(&["ip", "-o", "link", "show"]);
+        for l in links.lines().filter(|l| l.contains(": eni")) {
+            let flags = l.split('<').nth(1).and_then(|f| f.split('>').next());
+            assert!(
+                !flags.unwrap_or_default().split(',').any(|f| f == "UP"),
+                "a host veth was left up: {l}"
+            );
+        }
+        let rules = self.node.ns.exec(&["ip", "rule", "show"]);
+        assert!(
+            !rules.contains("512:") && !rules.contains("1536:"),
+            "rules left: {rules}"
+        );
+        let routes = self.node.ns.exec(&["ip", "route", "show"]);
+        assert!(
+            !routes.contains("10.0.9."),
+            "a pod route was left: {routes}"
+        );
+    }
+
+    /// No host veth at all (every pod namespace of the test removed).
+    pub fn assert_no_host_veth(&self) {
+        let t = std::time::Instant::now();
+        loop {
+            let links = self.node.ns.exec(&["ip", "-o", "link", "show"]);
+            if !links.contains(": eni") {
+                return;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "host veths 5 s after their namespaces went: {links}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The daemon serves `pool` (address, ENI device number).
     pub fn new(pool: Vec<(std::net::Ipv4Addr, i32)>) -> World {
         crate::require_root();

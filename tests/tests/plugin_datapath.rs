@@ -27,6 +27,7 @@ mod netlink_state {
         pub pod_default_route: bool,
         pub pod_neigh: Option<(String, bool)>,
         pub host_veth_mac: Option<String>,
+        pub host_veth_up: bool,
         pub host_route: bool,
         pub rule_to: bool,
         pub rule_from_table: Option<u32>,
@@ -40,12 +41,14 @@ mod netlink_state {
             pod_default_route: false,
             pod_neigh: None,
             host_veth_mac: None,
+            host_veth_up: false,
             host_route: false,
             rule_to: false,
             rule_from_table: None,
         };
         let host_link = node.link(veth).await.unwrap();
         s.host_veth_mac = host_link.as_ref().map(|l| l.mac_string());
+        s.host_veth_up = host_link.as_ref().is_some_and(|l| l.up);
         if let Some(hl) = &host_link {
             s.host_route = node.routes().await.unwrap().iter().any(|r| {
                 r.table == MAIN_TABLE && r.dst == ip && r.dst_len == 32 && r.oif == Some(hl.index)
@@ -90,6 +93,15 @@ mod netlink_state {
     }
 
     impl PodState {
+        /// What DEL leaves while the pod's namespace exists: its veth pair, the host end
+        /// down, with no route and no rule: nothing any pod can use.
+        pub fn torn_down(&self) -> bool {
+            !self.host_veth_up
+                && !self.host_route
+                && !self.rule_to
+                && self.rule_from_table.is_none()
+        }
+
         pub fn nothing_left(&self) -> bool {
             self.pod_if_mac.is_none()
                 && self.host_veth_mac.is_none()
@@ -111,6 +123,26 @@ fn state(w: &World, pod: Option<&TestNs>, veth: &str, ip: Ipv4Addr) -> PodState 
         let pod_nl = pod.map(|p| p.netlink());
         read(&node, pod_nl.as_ref(), veth, ip).await
     })
+}
+
+/// DEL left the pod's datapath torn down; once the runtime removes the pod's namespace,
+/// nothing of it is left (the kernel's clean-up of a namespace runs a moment later).
+fn torn_down_then_gone(w: &World, pod: TestNs, veth: &str, ip: Ipv4Addr) {
+    let s = state(w, Some(&pod), veth, ip);
+    assert!(s.torn_down(), "after DEL: {s:?}");
+    drop(pod);
+    let t = std::time::Instant::now();
+    loop {
+        let s = state(w, None, veth, ip);
+        if s.nothing_left() {
+            return;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "5 s after the namespace went: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -186,7 +218,7 @@ fn add_builds_the_datapath_and_del_removes_it() {
     assert!(del.success, "DEL: {}", del.stdout);
     assert!(del.stdout.is_empty(), "DEL prints nothing: {}", del.stdout);
     let s = state(&w, Some(&pod), &veth, ip("10.0.1.10"));
-    assert!(s.nothing_left(), "left behind: {s:?}");
+    assert!(s.torn_down(), "left usable: {s:?}");
     assert_eq!(w.ipamd.assigned_count(), 0);
 
     // Repeated DEL, then containerd's second DEL: empty CNI_NETNS, no prevResult.
@@ -198,6 +230,7 @@ fn add_builds_the_datapath_and_del_removes_it() {
     second.netns = String::new();
     let out = w.run(&second, &w.conf("1.0.0", &[]));
     assert!(out.success, "second DEL: {}", out.stdout);
+    torn_down_then_gone(&w, pod, &veth, ip("10.0.1.10"));
 }
 
 #[test]
@@ -222,7 +255,7 @@ fn secondary_eni_address_gets_its_from_rule() {
         &w.conf("1.0.0", &[("prevResult", out.json.clone())]),
     );
     assert!(del.success, "DEL with ipamd down: {}", del.stdout);
-    assert!(state(&w, Some(&pod), &veth, ip("10.0.2.20")).nothing_left());
+    torn_down_then_gone(&w, pod, &veth, ip("10.0.2.20"));
 }
 
 #[test]
@@ -235,7 +268,7 @@ fn del_with_ipamd_down_and_no_prev_result_uses_the_netns() {
     let del = w.run(&inv.with_command("DEL"), &w.conf("0.4.0", &[]));
     assert!(del.success, "{}", del.stdout);
     let veth = host_veth_name("eni", "default", "nop");
-    assert!(state(&w, Some(&pod), &veth, ip("10.0.2.21")).nothing_left());
+    torn_down_then_gone(&w, pod, &veth, ip("10.0.2.21"));
 }
 
 #[test]
@@ -259,11 +292,23 @@ fn two_pods_reach_each_other_and_the_node() {
                 .success
         );
         assert!(
-            !ns.try_exec(&["ip", "link", "show", "eth0"]),
-            "pod eth0 removed"
+            !ns.try_exec(&["ping", "-c", "1", "-W", "1", &w.node.primary_ip]),
+            "a deleted pod reaches nothing"
         );
     }
     assert!(!ping(&w.node.ns, "10.0.1.11"), "no route to a deleted pod");
+    torn_down_then_gone(
+        &w,
+        a,
+        &host_veth_name("eni", "default", "ping-a"),
+        ip("10.0.1.11"),
+    );
+    torn_down_then_gone(
+        &w,
+        b,
+        &host_veth_name("eni", "default", "ping-b"),
+        ip("10.0.3.12"),
+    );
 }
 
 #[test]
@@ -301,7 +346,8 @@ fn add_appends_to_a_prev_result_in_a_chain() {
     let inv = Invocation::new("ADD", "c-chain", &pod.path(), "default", "chain");
     let out = w.run(&inv, &w.conf("1.0.0", &[("prevResult", prev)]));
     assert!(out.success, "{}", out.stdout);
-    assert_eq!(out.json["interfaces"].as_array().unwrap().len(), 3);
+    // lo, then ours: host veth, eth0, upstream's dummy.
+    assert_eq!(out.json["interfaces"].as_array().unwrap().len(), 4);
     assert_eq!(out.json["interfaces"][0]["name"], "lo");
     assert_eq!(out.json["ips"][0]["interface"], 2);
     assert_eq!(out.json["dns"]["nameservers"][0], "10.0.0.2");
@@ -356,7 +402,7 @@ fn repeated_add_for_one_sandbox_is_idempotent() {
             .success
     );
     let veth = host_veth_name("eni", "default", "twice");
-    assert!(state(&w, Some(&pod), &veth, ip("10.0.1.60")).nothing_left());
+    torn_down_then_gone(&w, pod, &veth, ip("10.0.1.60"));
 }
 
 #[test]
@@ -418,4 +464,65 @@ fn gc_releases_what_the_runtime_no_longer_knows() {
         w.run(&ik.with_command("DEL"), &w.conf("1.1.0", &[]))
             .success
     );
+}
+
+#[test]
+fn an_address_reused_while_the_old_namespace_lives_is_the_new_pods() {
+    // DEL leaves pod a's pair (down) until its namespace goes; ipamd hands the address to
+    // pod b at once. b must own it: reachable from the node, its rules intact after a's
+    // DEL is repeated (a's interface still shows the address).
+    let w = World::new(vec![(ip("10.0.2.30"), 2)]);
+    let a = TestNs::new("pod");
+    let b = TestNs::new("pod");
+    let ia = Invocation::new("ADD", "c-reuse-a", &a.path(), "default", "reuse-a");
+    let ib = Invocation::new("ADD", "c-reuse-b", &b.path(), "default", "reuse-b");
+    assert!(w.run(&ia, &w.conf("1.0.0", &[])).success);
+    assert!(
+        w.run(&ia.with_command("DEL"), &w.conf("1.0.0", &[]))
+            .success
+    );
+    let out = w.run(&ib, &w.conf("1.0.0", &[]));
+    assert!(out.success, "{}", out.stdout);
+    assert_eq!(out.json["ips"][0]["address"], "10.0.2.30/32");
+    assert!(
+        a.exec(&["ip", "-o", "addr", "show", "eth0"])
+            .contains("10.0.2.30/32")
+    );
+    for _ in 0..2 {
+        assert!(
+            w.run(&ia.with_command("DEL"), &w.conf("1.0.0", &[]))
+                .success
+        );
+    }
+    let vb = host_veth_name("eni", "default", "reuse-b");
+    let s = state(&w, Some(&b), &vb, ip("10.0.2.30"));
+    assert!(
+        s.host_veth_up && s.host_route && s.rule_to && s.rule_from_table == Some(3),
+        "pod b's datapath after pod a's repeated DEL: {s:?}"
+    );
+    assert!(
+        w.node
+            .ns
+            .try_exec(&["ping", "-c", "1", "-W", "2", "10.0.2.30"]),
+        "node -> pod b"
+    );
+    assert!(
+        b.try_exec(&["ping", "-c", "1", "-W", "2", &w.node.primary_ip]),
+        "pod b -> node"
+    );
+    assert!(
+        !a.try_exec(&["ping", "-c", "1", "-W", "1", &w.node.primary_ip]),
+        "pod a reaches nothing"
+    );
+    assert!(
+        w.run(&ib.with_command("DEL"), &w.conf("1.0.0", &[]))
+            .success
+    );
+    torn_down_then_gone(
+        &w,
+        a,
+        &host_veth_name("eni", "default", "reuse-a"),
+        ip("10.0.2.30"),
+    );
+    torn_down_then_gone(&w, b, &vb, ip("10.0.2.30"));
 }

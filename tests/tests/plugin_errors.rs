@@ -16,17 +16,6 @@ fn conf(w: &World, extra: &[(&str, Value)]) -> String {
     w.conf("1.0.0", extra)
 }
 
-/// Nothing of a pod exists on the node: no veth but eth0/eth0-peer, no pod rules.
-fn node_is_clean(w: &World) {
-    let links = w.node.ns.exec(&["ip", "-o", "link", "show"]);
-    assert!(!links.contains(" eni"), "a host veth was left: {links}");
-    let rules = w.node.ns.exec(&["ip", "rule", "show"]);
-    assert!(
-        !rules.contains("512:") && !rules.contains("1536:"),
-        "rules left: {rules}"
-    );
-}
-
 fn adds_and_dels(w: &World) -> (usize, usize) {
     let calls = w.ipamd.calls();
     (
@@ -147,7 +136,8 @@ fn ipamd_down_on_add_is_try_again_later() {
         "names the socket: {}",
         out.msg()
     );
-    node_is_clean(&w);
+    w.assert_node_clean();
+    w.assert_no_host_veth();
     assert!(!pod.try_exec(&["ip", "link", "show", "eth0"]));
 }
 
@@ -161,7 +151,8 @@ fn ipamd_without_a_free_address_is_try_again_later() {
         &conf(&w, &[]),
     );
     assert_error(&out, 11, "team-a/web");
-    node_is_clean(&w);
+    w.assert_node_clean();
+    w.assert_no_host_veth();
 }
 
 #[test]
@@ -176,7 +167,8 @@ fn a_bad_address_from_ipamd_is_handed_back() {
     assert_error(&out, 101, "10.0.0.300");
     assert_eq!(adds_and_dels(&w), (1, 1), "the address was released");
     assert_eq!(w.ipamd.assigned_count(), 0);
-    node_is_clean(&w);
+    w.assert_node_clean();
+    w.assert_no_host_veth();
 }
 
 #[test]
@@ -193,7 +185,8 @@ fn a_foreign_interface_on_the_name_is_refused_before_an_address_is_taken() {
         pod.try_exec(&["ip", "link", "show", "lo"]),
         "lo is still there"
     );
-    node_is_clean(&w);
+    w.assert_node_clean();
+    w.assert_no_host_veth();
     // The address is usable by the next pod.
     let ok = w.run(
         &Invocation::new("ADD", "c2", &pod.path(), "d", "p2"),
@@ -208,7 +201,9 @@ fn a_foreign_interface_on_the_name_is_refused_before_an_address_is_taken() {
         )
         .success
     );
-    node_is_clean(&w);
+    w.assert_node_clean();
+    drop(pod);
+    w.assert_no_host_veth();
 }
 
 #[test]

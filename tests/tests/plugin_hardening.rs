@@ -42,22 +42,6 @@ fn assert_error(out: &Output, code: u64, msg_has: &str) {
     );
 }
 
-/// Nothing of any pod on the node: no host veth, no pod route or rule.
-fn node_is_clean(w: &World) {
-    let links = w.node.ns.exec(&["ip", "-o", "link", "show"]);
-    assert!(!links.contains(" eni"), "a host veth was left: {links}");
-    let rules = w.node.ns.exec(&["ip", "rule", "show"]);
-    assert!(
-        !rules.contains("512:") && !rules.contains("1536:"),
-        "rules left: {rules}"
-    );
-    let routes = w.node.ns.exec(&["ip", "route", "show"]);
-    assert!(
-        !routes.contains("10.0.9."),
-        "a pod route was left: {routes}"
-    );
-}
-
 /// The node's own interface and default route, as the test node was built.
 fn node_intact(w: &World) {
     let eth0 = w.node.ns.exec(&["ip", "-o", "addr", "show", "dev", "eth0"]);
@@ -97,7 +81,9 @@ fn del_with_a_netns_that_is_not_one_tears_down_then_releases() {
         // The runtime sends DEL with a path that is not a network namespace.
         let out = del(&w, &c, odd, &p);
         assert!(out.success, "DEL with CNI_NETNS={odd}: {}", out.stdout);
-        node_is_clean(&w);
+        w.assert_node_clean();
+        // No namespace to take the pair along: deleted.
+        w.assert_no_host_veth();
         assert_eq!(w.ipamd.assigned_count(), 0, "released");
         // And again: still fine, nothing to do.
         assert!(del(&w, &c, odd, &p).success);
@@ -185,7 +171,9 @@ fn a_fifo_never_hangs_the_plugin() {
         )
         .success
     );
-    node_is_clean(&w);
+    w.assert_node_clean();
+    drop(pod);
+    w.assert_no_host_veth();
 }
 
 #[test]
@@ -207,7 +195,8 @@ fn del_after_the_netns_is_gone_leaves_no_host_route() {
         .unwrap();
     assert!(!std::path::Path::new(&path).exists());
     assert!(del(&w, "c1", &path, "p").success);
-    node_is_clean(&w);
+    w.assert_node_clean();
+    w.assert_no_host_veth();
     let _ = holder.kill();
     let _ = holder.wait();
 }
@@ -258,7 +247,7 @@ fn a_second_attachment_in_one_pod_leaves_the_first_alone() {
             .contains("default via 169.254.1.1 dev eth0")
     );
     assert!(del(&w, "c1", &pod.path(), "p").success);
-    node_is_clean(&w);
+    w.assert_node_clean();
 }
 
 #[test]
