@@ -2,6 +2,7 @@
 //! speak in links, addresses, routes, rules and neighbours, and never touch raw netlink
 //! messages; `netns` enters a network namespace just long enough to open a socket there.
 
+mod macdump;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -10,9 +11,7 @@ use std::os::fd::RawFd;
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
-use netlink_packet_route::link::{
-    InfoData, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage,
-};
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
@@ -199,18 +198,16 @@ impl Netlink {
         Ok(msgs.iter().map(Link::from_msg).collect())
     }
 
-    /// The MAC of every link, from a dump without statistics (a third of its size).
+    /// The MAC of every link in this namespace. A dump of its own, without statistics,
+    /// of which only each link's `IFLA_ADDRESS` is read: parsing every attribute of
+    /// every link (as [`Netlink::links`] does) costs ~1 ms of CPU on a node of 160 pods,
+    /// which 16 ADDs at once on 2 cores wait for in turn.
     pub async fn link_macs(&self) -> NlResult<Vec<[u8; 6]>> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::SkipStats])
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NlError::from_rt("list links", e))?;
-        Ok(msgs.iter().map(|m| Link::from_msg(m).mac).collect())
+        macdump::link_macs().await.map_err(|e| NlError {
+            op: "list links".into(),
+            errno: e.raw_os_error(),
+            text: e.to_string(),
+        })
     }
 
     /// Deletes a link; a link already gone is not an error.
