@@ -363,3 +363,69 @@ async fn addresses_removed_behind_ipamds_back_() {
     assert!(agree, "ipamd and EC2 agree again, 9 addresses\n{}", d.log());
     assert_eq!(sample(&scrape(), "awscni_force_removed_enis"), Some(0.0));
 }
+
+#[test]
+fn a_quiet_node_reconciles_from_imds_and_asks_ec2_only_when_they_differ() {
+    in_node_ns("ops-quiet", a_quiet_node_reconciles_from_imds_)
+}
+
+/// DescribeNetworkInterfaces calls ipamd made (its budget's count).
+fn describes() -> u64 {
+    http_get(INTROSPECTION, "/v1/ec2-budget").unwrap()["calls"]["DescribeNetworkInterfaces"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+async fn a_quiet_node_reconciles_from_imds_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    // A reconcile pass every second; EC2's own interval left at its default (5 min).
+    let d = Ipamd::start(&emu, &[("IPAMD_RECONCILE_INTERVAL_MS", "1000")]);
+    let _c = d.client().await;
+    let got = eventually(Duration::from_secs(20), (1, 9), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 9), "{}", d.log());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Quiet: IMDS shows what the datastore holds, so no pass asks EC2.
+    let before = describes();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        describes(),
+        before,
+        "8 quiet reconcile passes asked EC2\n{}",
+        d.log()
+    );
+    // An address unassigned behind ipamd's back: IMDS shows the difference, EC2 is asked,
+    // and (two describes agreeing) the address is forgotten and the pool refilled.
+    let view = ec2_view(&emu, &id).await;
+    let (eni, victim) = (view[0].0.clone(), view[0].2[0].clone());
+    let conf = ec2_emulator_sdk_check::sdk_config(&emu.endpoint, "us-west-2").await;
+    aws_sdk_ec2::Client::new(&conf)
+        .unassign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses(&victim)
+        .send()
+        .await
+        .unwrap();
+    let removed = eventually(Duration::from_secs(20), Some(1.0), async || {
+        sample(&scrape(), "awscni_force_removed_ips")
+    })
+    .await;
+    assert_eq!(removed, Some(1.0), "{}", d.log());
+    assert!(
+        describes() >= before + 2,
+        "the difference was checked with EC2"
+    );
+    let refilled = eventually(Duration::from_secs(20), 9, async || {
+        ec2_view(&emu, &id).await[0].2.len()
+    })
+    .await;
+    assert_eq!(refilled, 9);
+    // Agreeing again: quiet again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let again = describes();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(describes(), again, "quiet again\n{}", d.log());
+}

@@ -50,6 +50,9 @@ pub struct Timing {
     pub shrink_interval: Duration,
     pub eni_min_age: Duration,
     pub reconcile_interval: Duration,
+    /// A reconcile pass asks EC2 only when IMDS disagrees with the datastore (or IMDS
+    /// cannot answer, or a removal awaits its confirming describe), and at least this often.
+    pub ec2_reconcile_interval: Duration,
     pub subnet_full_backoff: Duration,
     pub leaked_sweep_interval: Duration,
     pub leaked_min_age: Duration,
@@ -75,6 +78,7 @@ impl Default for Timing {
             shrink_interval: Duration::from_secs(30),
             eni_min_age: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(60),
+            ec2_reconcile_interval: Duration::from_secs(300),
             subnet_full_backoff: Duration::from_secs(120),
             leaked_sweep_interval: Duration::from_secs(3600),
             leaked_min_age: Duration::from_secs(300),
@@ -128,6 +132,12 @@ pub fn timing_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Timing, C
         1000,
         false,
         &mut t.reconcile_interval,
+    )?;
+    ms(
+        "IPAMD_EC2_RECONCILE_INTERVAL_MS",
+        1000,
+        false,
+        &mut t.ec2_reconcile_interval,
     )?;
     ms(
         "IPAMD_SUBNET_FULL_BACKOFF_MS",

@@ -211,7 +211,7 @@ impl Node {
                             inst.meta.instance_type
                         );
                         *self.limits.write().unwrap() = Some(l);
-                        self.reconcile().await;
+                        self.reconcile_with_ec2().await;
                         let per_slot = if self.cfg.enable_prefix_delegation {
                             16
                         } else {
@@ -410,7 +410,7 @@ impl Node {
                         // changes nothing, EC2 and ipamd disagree about this ENI: back off it
                         // (doubling) instead of asking again at once, pass after pass.
                         warn!("{e}; reconciling");
-                        self.reconcile().await;
+                        self.reconcile_with_ec2().await;
                         let slots_now =
                             self.store.lock().unwrap().eni(&eni).map(|e| e.slots_used());
                         if slots_now.is_some_and(|n| n > slots_before) {

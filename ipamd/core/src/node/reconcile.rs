@@ -2,7 +2,7 @@
 //! addresses EC2 has that ipamd lacks, and forced removal of what EC2 no longer has),
 //! reclaiming assignments whose pod left no interface, and the leaked-ENI sweep.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -18,6 +18,8 @@ use crate::net::Ipv4Net;
 #[derive(Debug, Default)]
 pub(super) struct ReconcileState {
     pub(super) last_reconcile: Option<Instant>,
+    /// The last pass that asked EC2 (DescribeNetworkInterfaces).
+    pub(super) last_ec2_reconcile: Option<Instant>,
     pub(super) last_sweep: Option<Instant>,
     /// What the datastore held that EC2's last describe did not show: removed only when
     /// two describes in a row agree (describes can lag behind a change).
@@ -45,9 +47,50 @@ impl std::fmt::Display for Lost {
     }
 }
 
+/// IMDS shows exactly the ENIs, secondary addresses and prefixes the datastore holds.
+fn agrees(held: &[(String, bool, Vec<Ipv4Addr>, Vec<Ipv4Net>)], imds: &[EniInfo]) -> bool {
+    type View<'a> = BTreeMap<&'a str, (BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Net>)>;
+    let ours: View = held
+        .iter()
+        .map(|(id, _, ips, p)| {
+            (
+                id.as_str(),
+                (ips.iter().copied().collect(), p.iter().copied().collect()),
+            )
+        })
+        .collect();
+    let theirs: View = imds
+        .iter()
+        .map(|e| {
+            (
+                e.id.as_str(),
+                (
+                    e.secondary_ips.iter().copied().collect(),
+                    e.prefixes.iter().copied().collect(),
+                ),
+            )
+        })
+        .collect();
+    ours == theirs
+}
+
 impl Node {
-    /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses.
+    /// Learns from EC2 what IMDS had not shown yet (or lost): ENIs and addresses. EC2 is
+    /// asked only when IMDS (free, unmetered) disagrees with the datastore, cannot answer,
+    /// or a removal awaits its confirming describe, and at least every
+    /// `ec2_reconcile_interval` (IMDS can lag behind EC2): on a quiet node, one describe per
+    /// 5 minutes where upstream spends one per 2.
     pub async fn reconcile(&self) {
+        self.reconcile_pass(false).await
+    }
+
+    /// A reconcile pass that asks EC2 whatever IMDS says: where EC2's answer is the
+    /// point (EC2 refused an address our view says fits; start-up).
+    pub async fn reconcile_with_ec2(&self) {
+        self.reconcile_pass(true).await
+    }
+
+    async fn reconcile_pass(&self, force_ec2: bool) {
         let t0 = Instant::now();
         // What we held before asking EC2: only that can have been removed behind our back
         // (addresses we add while the describe runs are not in it).
@@ -67,18 +110,10 @@ impl Node {
         let Some(inst) = self.identity() else {
             return;
         };
-        let enis = match self.ec2.instance_enis(&inst.meta.instance_id).await {
-            Ok(e) => e,
-            Err(e) => {
-                self.metrics.error("nodeIPPoolReconcileDescribeFailed");
-                warn!("reconcile: {e}");
-                return;
-            }
-        };
-        let t_describe = t0.elapsed();
         // IMDS knows what EC2's describe lacks: subnet CIDRs, and the VPC's CIDRs.
-        let imds_enis = self.imds.enis().await.unwrap_or_default();
+        let imds = self.imds.enis().await;
         let t_imds = t0.elapsed();
+        let imds_enis = imds.as_ref().cloned().unwrap_or_default();
         if let Some(p) = imds_enis.iter().find(|e| e.mac == inst.meta.primary_mac)
             && !p.vpc_cidrs.is_empty()
             && self.vpc_cidrs() != p.vpc_cidrs
@@ -89,6 +124,48 @@ impl Node {
             );
             *self.vpc_cidrs.write().unwrap() = p.vpc_cidrs.clone();
         }
+        let why_ec2 = {
+            let rt = self.reconciler.lock().unwrap();
+            if force_ec2 {
+                Some("asked to")
+            } else if imds.is_err() {
+                Some("IMDS did not answer")
+            } else if rt
+                .last_ec2_reconcile
+                .is_none_or(|t| t.elapsed() >= self.timing.ec2_reconcile_interval)
+            {
+                Some("due")
+            } else if !rt.missing.is_empty() {
+                Some("a removal to confirm")
+            } else if !agrees(&before, &imds_enis) {
+                Some("IMDS differs from the datastore")
+            } else {
+                None
+            }
+        };
+        let Some(why_ec2) = why_ec2 else {
+            self.reconciler.lock().unwrap().last_reconcile = Some(Instant::now());
+            self.metrics.reconciled("nodeIPPoolReconcile");
+            self.converge_host().await;
+            self.reclaim_stale().await;
+            self.adopt_routed_free().await;
+            debug!(
+                "reconcile: IMDS agrees with the datastore ({t_imds:?}), EC2 not asked; host {:?}",
+                t0.elapsed() - t_imds
+            );
+            return;
+        };
+        debug!("reconcile: asking EC2 ({why_ec2})");
+        let enis = match self.ec2.instance_enis(&inst.meta.instance_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.error("nodeIPPoolReconcileDescribeFailed");
+                warn!("reconcile: {e}");
+                return;
+            }
+        };
+        self.reconciler.lock().unwrap().last_ec2_reconcile = Some(Instant::now());
+        let t_describe = t0.elapsed();
         let unknown: Vec<EniInfo> = {
             let s = self.store.lock().unwrap();
             enis.iter()
@@ -154,9 +231,9 @@ impl Node {
         self.reclaim_stale().await;
         self.adopt_routed_free().await;
         debug!(
-            "reconcile: describe {t_describe:?}, IMDS {:?}, store {:?}, host {:?}",
-            t_imds - t_describe,
-            t_store - t_imds,
+            "reconcile: IMDS {t_imds:?}, describe {:?}, store {:?}, host {:?}",
+            t_describe - t_imds,
+            t_store - t_describe,
             t0.elapsed() - t_store
         );
     }
