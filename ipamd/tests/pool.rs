@@ -563,3 +563,66 @@ async fn a_new_vpc_cidr_reaches_the_snat_rules_and_the_plugin_() {
         r.vp_cv4_cid_rs
     );
 }
+
+#[test]
+fn a_pod_that_lives_a_second_costs_no_eni_and_a_draining_pool_attaches_at_once() {
+    in_node_ns("ipamd", a_pod_that_lives_a_second_costs_no_eni_)
+}
+
+async fn a_pod_that_lives_a_second_costs_no_eni_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    // Default knobs (WARM_ENI_TARGET=1) with the default warm grace.
+    let d = Ipamd::start(&emu, &[("IPAMD_WARM_GRACE_MS", "5000")]);
+    let c = d.client().await;
+    let got = eventually(Duration::from_secs(20), (1, 9), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 9), "{}", d.log());
+    // One pod for a second: 8 of 9 spare is short of the target, but not for long.
+    assert!(c.add("brief").await.unwrap().success);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.del("brief").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        counts(&emu, &id).await,
+        (1, 9),
+        "no ENI for a brief pod\n{}",
+        d.log()
+    );
+    // A shortfall that lasts: attached once the grace is over.
+    assert!(c.add("stays").await.unwrap().success);
+    let t = std::time::Instant::now();
+    let got = eventually(Duration::from_secs(15), (2, 18), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (2, 18), "{}", d.log());
+    assert!(
+        t.elapsed() >= Duration::from_secs(4),
+        "attached after the grace, not at once"
+    );
+    c.del("stays").await.unwrap();
+    let got = eventually(Duration::from_secs(20), (1, 9), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 9), "the spare ENI goes again\n{}", d.log());
+    // Draining: five pods at once leave 4 of 9 free: the ENI is attached at once.
+    let t = std::time::Instant::now();
+    for i in 0..5 {
+        assert!(c.add(&format!("burst{i}")).await.unwrap().success);
+    }
+    let got = eventually(Duration::from_secs(15), (2, 18), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (2, 18), "{}", d.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "a draining pool waited {:?} for its ENI\n{}",
+        t.elapsed(),
+        d.log()
+    );
+}

@@ -49,6 +49,9 @@ pub struct Timing {
     pub pool_interval: Duration,
     pub shrink_interval: Duration,
     pub eni_min_age: Duration,
+    /// How long a shortfall of the warm target alone (no pod waiting, more than half of
+    /// it still free) must last before an ENI is attached for it. Zero: at once.
+    pub warm_grace: Duration,
     pub reconcile_interval: Duration,
     /// A reconcile pass asks EC2 only when IMDS disagrees with the datastore (or IMDS
     /// cannot answer, or a removal awaits its confirming describe), and at least this often.
@@ -77,6 +80,7 @@ impl Default for Timing {
             pool_interval: Duration::from_secs(5),
             shrink_interval: Duration::from_secs(30),
             eni_min_age: Duration::from_secs(60),
+            warm_grace: Duration::from_secs(5),
             reconcile_interval: Duration::from_secs(60),
             ec2_reconcile_interval: Duration::from_secs(300),
             subnet_full_backoff: Duration::from_secs(120),
@@ -127,6 +131,7 @@ pub fn timing_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Timing, C
         &mut t.shrink_interval,
     )?;
     ms("IPAMD_ENI_MIN_AGE_MS", 0, true, &mut t.eni_min_age)?;
+    ms("IPAMD_WARM_GRACE_MS", 0, true, &mut t.warm_grace)?;
     ms(
         "IPAMD_RECONCILE_INTERVAL_MS",
         1000,

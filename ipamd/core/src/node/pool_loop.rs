@@ -41,6 +41,9 @@ pub(super) struct LoopState {
     pub(super) waiting_for_link: BTreeMap<String, LinkWait>,
     /// Subnet discovery's last answer, and when.
     pub(super) subnets: Option<(Instant, Vec<crate::cloud::SubnetInfo>)>,
+    /// Since when the policy has wanted an ENI attached while the pool could still serve
+    /// pods (see `warm_grace`).
+    pub(super) attach_wanted_since: Option<Instant>,
 }
 
 /// Not before `until`; the next wait is `next`.
@@ -230,8 +233,21 @@ impl Node {
             let progressed = self.step().await;
             if !progressed {
                 self.housekeeping().await;
+                // A deferred attach is looked at again when its grace ends.
+                let grace_left = self
+                    .pool
+                    .lock()
+                    .unwrap()
+                    .attach_wanted_since
+                    .map(|t| self.timing.warm_grace.saturating_sub(t.elapsed()))
+                    .filter(|g| !g.is_zero());
+                // (Once it has ended, the pool interval as ever: an attach backed off
+                // after a failure is not retried in a tight loop.)
+                let wait = grace_left.map_or(self.timing.pool_interval, |g| {
+                    (g + Duration::from_millis(5)).min(self.timing.pool_interval)
+                });
                 tokio::select! {
-                    _ = tokio::time::sleep(self.timing.pool_interval) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = self.wake_pool.notified() => {}
                 }
             }
@@ -309,6 +325,36 @@ impl Node {
                 }
                 _ => {}
             }
+        }
+        // Hysteresis: an ENI only for the warm target (no pod waiting, more than half of
+        // the target still free) is attached once that shortfall has lasted `warm_grace`,
+        // as upstream's 5 s loop would first notice it: a pod that lives a few seconds no
+        // longer costs an attach now and a free a minute later (5 EC2 calls). A pool that
+        // is really draining (half the target gone, or a pod waiting) attaches at once.
+        if decision == Decision::AttachEni && !self.timing.warm_grace.is_zero() {
+            let free = state.available().saturating_sub(state.cooldown);
+            let short = policy.shortfall(&state);
+            let waiting = self.waiting.load(Ordering::SeqCst);
+            let since = *self
+                .pool
+                .lock()
+                .unwrap()
+                .attach_wanted_since
+                .get_or_insert_with(Instant::now);
+            if waiting == 0 && free > short && since.elapsed() < self.timing.warm_grace {
+                self.record_decision(
+                    state,
+                    &decision,
+                    format!(
+                        "deferred: {free} free, {short} short of the warm target for {:?} of {:?}",
+                        since.elapsed(),
+                        self.timing.warm_grace
+                    ),
+                );
+                return false;
+            }
+        } else if decision != Decision::AttachEni {
+            self.pool.lock().unwrap().attach_wanted_since = None;
         }
         match decision {
             Decision::Steady if hold.is_some() => false,
