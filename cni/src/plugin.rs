@@ -267,7 +267,8 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         .map_err(|why| CniError::datapath(format!("cannot set up {}: {why}", env.if_name)))?;
 
     let ipamd = Ipamd::connect(&conf.ipamd).await?;
-    // The host's MACs (the host veth's must be new) are read while ipamd answers.
+    // The host's MACs (the host veth's must be new) are read while ipamd answers; this
+    // thread is in the host's namespace (the pod's is only entered to open its socket).
     let (reply, links) = tokio::join!(
         ipamd.add(AddNetworkRequest {
             k8s_pod_name: k8s.pod_name.clone(),
@@ -280,7 +281,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
             client_version: CLIENT_VERSION.to_string(),
             requires_multi_nic_attachment: false,
         }),
-        sides.host.link_macs()
+        vpc_cni_netlink::link_macs()
     );
     let reply = reply?;
     if !reply.success {
@@ -400,7 +401,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         // Upstream's `dummy`, for its DEL from this prevResult (upstream.rs). Only for a
         // Kubernetes pod, the only place upstream's plugin can follow ours: its `mac` of
         // "0" is no MAC, which podman refuses.
-        ours.interfaces.push(crate::upstream::dummy_interface(
+        ours.interfaces.push(upstream::dummy_interface(
             &k8s.pod_namespace,
             &k8s.pod_name,
             meta.device_number,
@@ -674,7 +675,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
         info!("ipamd does not implement GC; nothing collected");
         return Ok(());
     };
-    let host = host_netlink()?;
+    let mut released = Vec::with_capacity(reply.released.len());
     for r in &reply.released {
         let Some(ip) = r
             .ip_allocation_metadata
@@ -687,13 +688,15 @@ async fn gc(conf: &NetConf) -> Result<()> {
             "GC released {ip} of container {} ({})",
             r.container_id, r.if_name
         );
-        datapath::remove_rules(&host, &[ip], &[], None)
-            .await
-            .map_err(|e| {
-                CniError::datapath(format!("could not remove the host rules of {ip}"))
-                    .with_details(e)
-            })?;
+        released.push(ip);
     }
+    // One listing of the rules for all of them.
+    datapath::remove_rules(&host_netlink()?, &released, &[], None)
+        .await
+        .map_err(|e| {
+            CniError::datapath(format!("could not remove the host rules of {released:?}"))
+                .with_details(e)
+        })?;
     if !reply.success {
         return Err(CniError::new(
             ErrorCode::Ipamd,

@@ -113,7 +113,8 @@ impl Node {
         // IMDS knows what EC2's describe lacks: subnet CIDRs, and the VPC's CIDRs.
         let imds = self.imds.enis().await;
         let t_imds = t0.elapsed();
-        let imds_enis = imds.as_ref().cloned().unwrap_or_default();
+        let imds_failed = imds.is_err();
+        let imds_enis = imds.unwrap_or_default();
         if let Some(p) = imds_enis.iter().find(|e| e.mac == inst.meta.primary_mac)
             && !p.vpc_cidrs.is_empty()
             && self.vpc_cidrs() != p.vpc_cidrs
@@ -128,7 +129,7 @@ impl Node {
             let rt = self.reconciler.lock().unwrap();
             if force_ec2 {
                 Some("asked to")
-            } else if imds.is_err() {
+            } else if imds_failed {
                 Some("IMDS did not answer")
             } else if rt
                 .last_ec2_reconcile
@@ -146,9 +147,7 @@ impl Node {
         let Some(why_ec2) = why_ec2 else {
             self.reconciler.lock().unwrap().last_reconcile = Some(Instant::now());
             self.metrics.reconciled("nodeIPPoolReconcile");
-            self.converge_host().await;
-            self.reclaim_stale().await;
-            self.adopt_routed_free().await;
+            self.host_side_pass().await;
             debug!(
                 "reconcile: IMDS agrees with the datastore ({t_imds:?}), EC2 not asked; host {:?}",
                 t0.elapsed() - t_imds
@@ -227,15 +226,20 @@ impl Node {
         self.metrics.reconciled("nodeIPPoolReconcile");
         self.addresses_added.notify_waiters();
         let t_store = t0.elapsed();
-        self.converge_host().await;
-        self.reclaim_stale().await;
-        self.adopt_routed_free().await;
+        self.host_side_pass().await;
         debug!(
             "reconcile: IMDS {t_imds:?}, describe {:?}, store {:?}, host {:?}",
             t_describe - t_imds,
             t_store - t_describe,
             t0.elapsed() - t_store
         );
+    }
+
+    /// What every reconcile pass does on the host, EC2 asked or not.
+    async fn host_side_pass(&self) {
+        self.converge_host().await;
+        self.reclaim_stale().await;
+        self.adopt_routed_free().await;
     }
 
     /// Drops what EC2 no longer has (an address unassigned or an ENI detached by someone
