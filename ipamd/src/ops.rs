@@ -350,7 +350,7 @@ pub fn pool_json(node: &Node) -> Value {
             .iter()
             .map(|(eni, b)| json!({
                 "eni": eni,
-                "retryInSeconds": b.until.saturating_duration_since(std::time::Instant::now()).as_secs(),
+                "retryInSeconds": b.until.saturating_duration_since(tokio::time::Instant::now()).as_secs(),
             }))
             .collect::<Vec<_>>()
     );
@@ -617,7 +617,7 @@ pub fn render_metrics(node: &Node, ec2: &CallStats) -> String {
             (
                 eni,
                 b.until
-                    .saturating_duration_since(std::time::Instant::now())
+                    .saturating_duration_since(tokio::time::Instant::now())
                     .as_secs(),
             )
         })

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 
@@ -244,13 +245,29 @@ impl<E: Ec2> Budgeted<E> {
     }
 }
 
-/// A cheap jitter in [0, 1) without a random-number crate.
+/// A cheap jitter in [0, 1) without a random-number crate: one xorshift sequence per
+/// process (seeded from the time of day; the simulator seeds it to repeat a run).
+static JITTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn seed_jitter(seed: u64) {
+    JITTER.store(seed | 1, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn jitter_fraction() -> f64 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    (n.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut x = JITTER.load(Relaxed);
+    if x == 0 {
+        x = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64
+            | 1;
+    }
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    JITTER.store(x, Relaxed);
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[async_trait]

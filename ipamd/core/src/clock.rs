@@ -1,10 +1,21 @@
 //! Wall-clock time as ipamd records it: nanoseconds since the Unix epoch (the
 //! checkpoint's timestamps) and RFC 3339 (ENI tags, introspection), without a date crate.
 
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The time of day as the engine sees it: the wall clock read once, advanced by tokio's
+/// monotonic clock since. In the daemon that is the wall clock (without its steps); on a
+/// paused tokio clock (the fleet simulator) it is virtual time, so cooldowns, ENI ages and
+/// created-at tags run on it like every timer does.
+pub fn wall_now() -> SystemTime {
+    static ANCHOR: OnceLock<(SystemTime, tokio::time::Instant)> = OnceLock::new();
+    let (wall, mono) = ANCHOR.get_or_init(|| (SystemTime::now(), tokio::time::Instant::now()));
+    *wall + tokio::time::Instant::now().saturating_duration_since(*mono)
+}
+
 pub fn now_ns() -> u64 {
-    SystemTime::now()
+    wall_now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as u64

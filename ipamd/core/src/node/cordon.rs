@@ -2,7 +2,7 @@
 //! Node object), and what it means for ENIs: AWS_MANAGE_ENIS_NON_SCHEDULABLE=false holds
 //! them on a cordoned node, as upstream.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tracing::{info, warn};
 

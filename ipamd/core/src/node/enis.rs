@@ -2,7 +2,8 @@
 //! host; free (host side undone, detach, wait, delete); the subnet a new ENI goes in.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use tracing::{info, warn};
 
@@ -140,7 +141,10 @@ impl Node {
         };
         let mut tags = vec![
             (TAG_INSTANCE_ID.to_string(), inst.meta.instance_id.clone()),
-            (TAG_CREATED_AT.to_string(), rfc3339(SystemTime::now())),
+            (
+                TAG_CREATED_AT.to_string(),
+                rfc3339(crate::clock::wall_now()),
+            ),
         ];
         if !self.cfg.cluster_name.is_empty() {
             tags.push((TAG_CLUSTER.to_string(), self.cfg.cluster_name.clone()));

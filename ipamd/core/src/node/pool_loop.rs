@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 use tracing::{debug, info, warn};
 
@@ -269,11 +270,11 @@ impl Node {
             && last.outcome == outcome
             && last.state == state
         {
-            last.at = SystemTime::now();
+            last.at = crate::clock::wall_now();
             return;
         }
         rt.decisions.push(DecisionRecord {
-            at: SystemTime::now(),
+            at: crate::clock::wall_now(),
             state,
             decision: decision.clone(),
             outcome,

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use super::{Node, RECOVERED_PREFIX, now_ns};
 use crate::datastore::{Assignment, PodRef, SandboxKey};

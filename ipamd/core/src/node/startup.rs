@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
