@@ -383,6 +383,8 @@ pub fn budget_json(stats: &CallStats, buckets: &[BucketView]) -> Value {
             "capacity": b.capacity,
             "perSecond": b.per_sec,
         })).collect::<Vec<_>>(),
+        // The last calls in the order sent: [ms since start, action, "200" or error code].
+        "log": stats.log.iter().map(|c| json!([c.at_ms, c.api, c.status])).collect::<Vec<_>>(),
     })
 }
 

@@ -63,7 +63,21 @@ pub struct CallStats {
     /// Per (action, failed, status): calls and their summed latency in µs. `status` is
     /// "200" for a success, else EC2's error code.
     pub latency: BTreeMap<(String, bool, String), (u64, u64)>,
+    /// The last `LOG_LEN` calls in the order they were sent.
+    pub log: std::collections::VecDeque<CallRecord>,
 }
+
+/// One call as sent: when (ms since the budget was made), the action, and "200" or
+/// EC2's error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub at_ms: u64,
+    pub api: String,
+    pub status: String,
+}
+
+/// How many calls the log keeps.
+pub const LOG_LEN: usize = 1000;
 
 /// A family's bucket as it is now.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,6 +123,7 @@ impl Default for BudgetConfig {
 
 pub struct Budgeted<E> {
     inner: E,
+    born: Instant,
     buckets: Mutex<BTreeMap<Family, Bucket>>,
     stats: Mutex<CallStats>,
     cfg: BudgetConfig,
@@ -127,6 +142,7 @@ impl<E: Ec2> Budgeted<E> {
         b.insert(Family::EniLifecycle, Bucket::new(50.0, 5.0));
         Budgeted {
             inner,
+            born: Instant::now(),
             buckets: Mutex::new(b),
             stats: Mutex::new(CallStats::default()),
             cfg,
@@ -213,6 +229,18 @@ impl<E: Ec2> Budgeted<E> {
                     .or_default();
                 l.0 += 1;
                 l.1 += us;
+                if st.log.len() == LOG_LEN {
+                    st.log.pop_front();
+                }
+                let at_ms = t0.saturating_duration_since(self.born).as_millis() as u64;
+                st.log.push_back(CallRecord {
+                    at_ms,
+                    api: api.to_string(),
+                    status: match &res {
+                        Ok(_) => "200".to_string(),
+                        Err(e) => e.code.clone(),
+                    },
+                });
             }
             match res {
                 Ok(v) => return Ok(v),

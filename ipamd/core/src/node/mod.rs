@@ -53,6 +53,9 @@ pub struct Timing {
     /// How long a shortfall of the warm target alone (no pod waiting, more than half of
     /// it still free) must last before an ENI is attached for it. Zero: at once.
     pub warm_grace: Duration,
+    /// How long a surplus must last before an ENI (or, with IP targets, an address) is
+    /// given back: a pool that churns keeps what it will need again. Zero: at once.
+    pub shrink_grace: Duration,
     pub reconcile_interval: Duration,
     /// A reconcile pass asks EC2 only when IMDS disagrees with the datastore (or IMDS
     /// cannot answer, or a removal awaits its confirming describe), and at least this often.
@@ -82,6 +85,7 @@ impl Default for Timing {
             shrink_interval: Duration::from_secs(30),
             eni_min_age: Duration::from_secs(60),
             warm_grace: Duration::from_secs(5),
+            shrink_grace: Duration::ZERO,
             reconcile_interval: Duration::from_secs(60),
             ec2_reconcile_interval: Duration::from_secs(300),
             subnet_full_backoff: Duration::from_secs(120),
@@ -133,6 +137,7 @@ pub fn timing_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Timing, C
     )?;
     ms("IPAMD_ENI_MIN_AGE_MS", 0, true, &mut t.eni_min_age)?;
     ms("IPAMD_WARM_GRACE_MS", 0, true, &mut t.warm_grace)?;
+    ms("IPAMD_SHRINK_GRACE_MS", 0, true, &mut t.shrink_grace)?;
     ms(
         "IPAMD_RECONCILE_INTERVAL_MS",
         1000,
