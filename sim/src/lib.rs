@@ -70,7 +70,9 @@ pub struct Run {
 
 impl Run {
     fn ms(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.start).as_millis() as u64
+        Instant::now()
+            .saturating_duration_since(self.start)
+            .as_millis() as u64
     }
 }
 
@@ -198,6 +200,25 @@ async fn workload(
     }
 }
 
+/// One node's pods of the scenario against any AddNetwork / DelNetwork (a real ipamd
+/// over its socket, in the emulator check), on the current runtime's clock, until the
+/// scenario's end: what happened to them.
+pub async fn drive(sc: Arc<Scenario>, api: Arc<dyn PodApi>, account: Shared) -> PodLog {
+    let start = Instant::now();
+    let end = start + sc.secs(sc.duration_s);
+    let run = Arc::new(Run {
+        account,
+        pods: Arc::new(Mutex::new(PodLog::default())),
+        start,
+    });
+    tokio::select! {
+        _ = workload(run.clone(), sc, api, 0, start, end) => {}
+        _ = tokio::time::sleep_until(end) => {}
+    }
+    tokio::time::sleep_until(end).await;
+    std::mem::take(&mut *run.pods.lock().unwrap())
+}
+
 /// Runs the scenario with one implementation on the current (paused) runtime.
 pub async fn run(sc: Arc<Scenario>, which: Impl, store: &std::path::Path) -> report::Outcome {
     let wall = std::time::Instant::now();
@@ -263,16 +284,7 @@ pub async fn run(sc: Arc<Scenario>, which: Impl, store: &std::path::Path) -> rep
     let pods = std::mem::take(&mut *run.pods.lock().unwrap());
     let log = std::mem::take(&mut account.lock().unwrap().log);
     let (enis, addrs) = account.lock().unwrap().totals();
-    report::Outcome::new(
-        which,
-        &sc,
-        pods,
-        log,
-        series,
-        enis,
-        addrs,
-        wall.elapsed(),
-    )
+    report::Outcome::new(which, &sc, pods, log, series, enis, addrs, wall.elapsed())
 }
 
 /// Both implementations, each on a fresh paused runtime of its own.

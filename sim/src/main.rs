@@ -54,9 +54,8 @@ fn main() {
     if let Some(n) = nodes {
         sc.nodes = n;
     }
-    let out = out.unwrap_or_else(|| {
-        PathBuf::from(".build/sim").join(path.file_stem().unwrap_or_default())
-    });
+    let out = out
+        .unwrap_or_else(|| PathBuf::from(".build/sim").join(path.file_stem().unwrap_or_default()));
     println!(
         "{}: {} nodes of {}, {} s of virtual time",
         sc.name, sc.nodes, sc.instance_type, sc.duration_s
@@ -96,5 +95,9 @@ fn main() {
             std::process::exit(1)
         }
     }
-    println!("report: {}/report.json, {}/report.svg", out.display(), out.display());
+    println!(
+        "report: {}/report.json, {}/report.svg",
+        out.display(),
+        out.display()
+    );
 }

@@ -328,7 +328,10 @@ impl Account {
 
     fn mac(n: u64) -> String {
         let b = n.to_be_bytes();
-        format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[3], b[4], b[5], b[6], b[7])
+        format!(
+            "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[3], b[4], b[5], b[6], b[7]
+        )
     }
 
     /// Launches an instance with its primary ENI in `subnet` (an address of its own, no
@@ -379,17 +382,24 @@ impl Account {
             );
         }
         b.tokens -= 1.0;
-        let l = self.params.latency.get(fam).cloned().unwrap_or(LatencyParam {
-            median_ms: 100.0,
-            p99_ms: 500.0,
-        });
+        let l = self
+            .params
+            .latency
+            .get(fam)
+            .cloned()
+            .unwrap_or(LatencyParam {
+                median_ms: 100.0,
+                p99_ms: 500.0,
+            });
         let sigma = (l.p99_ms / l.median_ms).max(1.0).ln() / 2.326;
         let ms = l.median_ms * (sigma * self.rng.normal()).exp();
         (true, Duration::from_secs_f64(ms.min(30_000.0) / 1000.0))
     }
 
     fn record(&mut self, node: u32, api: &'static str, status: &'static str) {
-        let at_ms = Instant::now().saturating_duration_since(self.start).as_millis() as u64;
+        let at_ms = Instant::now()
+            .saturating_duration_since(self.start)
+            .as_millis() as u64;
         self.log.push(Call {
             at_ms,
             node,
@@ -417,6 +427,7 @@ impl Account {
                 && now >= t
             {
                 e.status = Status::Available;
+                e.instance = None;
             }
         }
     }
@@ -476,10 +487,19 @@ impl Account {
 
     /// The instance's attached ENIs (as DescribeNetworkInterfaces and IMDS list them).
     pub fn attached(&self, inst: usize) -> Vec<EniInfo> {
+        self.on_instance(inst, false)
+    }
+
+    /// `with_detaching`: as IMDS lists them (an ENI detaching is still there).
+    fn on_instance(&self, inst: usize, with_detaching: bool) -> Vec<EniInfo> {
         let mut v: Vec<&Eni> = self
             .enis
             .values()
-            .filter(|e| e.instance == Some(inst) && e.status == Status::InUse)
+            .filter(|e| {
+                e.instance == Some(inst)
+                    && (e.status == Status::InUse
+                        || (with_detaching && matches!(e.status, Status::Detaching(_))))
+            })
             .collect();
         v.sort_by_key(|e| e.device);
         v.into_iter().map(|e| self.info(e)).collect()
@@ -516,7 +536,8 @@ impl Account {
                     .enis
                     .values()
                     .filter(|e| {
-                        e.status == Status::Available && e.tags.iter().any(|(a, b)| a == k && b == v)
+                        e.status == Status::Available
+                            && e.tags.iter().any(|(a, b)| a == k && b == v)
                     })
                     .map(|e| self.info(e))
                     .collect();
@@ -631,12 +652,14 @@ impl Account {
                     return Err(err(api, "OperationNotPermitted", "primary ENI"));
                 }
                 e.attachment = None;
-                e.instance = None;
-                e.status = if self.params.detach_s > 0.0 {
-                    Status::Detaching(until)
+                // Until the detach completes the instance keeps it (IMDS lists it, EC2
+                // refuses to delete it); describes of attached ENIs no longer show it.
+                if self.params.detach_s > 0.0 {
+                    e.status = Status::Detaching(until);
                 } else {
-                    Status::Available
-                };
+                    e.status = Status::Available;
+                    e.instance = None;
+                }
                 Ok(Answer::Unit(()))
             }
             Op::Delete(id) => {
@@ -652,9 +675,10 @@ impl Account {
                 Ok(Answer::Unit(()))
             }
             Op::AssignIps(id, count) => {
-                let e = self.enis.get(id).ok_or_else(|| {
-                    err(api, "InvalidNetworkInterfaceID.NotFound", id.clone())
-                })?;
+                let e = self
+                    .enis
+                    .get(id)
+                    .ok_or_else(|| err(api, "InvalidNetworkInterfaceID.NotFound", id.clone()))?;
                 let per = e
                     .instance
                     .map(|i| self.limits_of(i).ipv4_per_eni)
@@ -676,9 +700,10 @@ impl Account {
                 Ok(Answer::Ips(new.into_iter().map(ip).collect()))
             }
             Op::AssignPrefixes(id, count) => {
-                let e = self.enis.get(id).ok_or_else(|| {
-                    err(api, "InvalidNetworkInterfaceID.NotFound", id.clone())
-                })?;
+                let e = self
+                    .enis
+                    .get(id)
+                    .ok_or_else(|| err(api, "InvalidNetworkInterfaceID.NotFound", id.clone()))?;
                 let per = e
                     .instance
                     .map(|i| self.limits_of(i).ipv4_per_eni)
@@ -934,7 +959,7 @@ impl Imds for NodeCloud {
     async fn enis(&self) -> CloudResult<Vec<EniInfo>> {
         let mut a = self.account.lock().unwrap();
         a.settle();
-        let mut v = a.attached(self.node);
+        let mut v = a.on_instance(self.node, true);
         for e in &mut v {
             // IMDS shows neither attachments nor tags.
             e.attachment_id = None;

@@ -241,16 +241,8 @@ pub fn svg(title: &str, runs: &[&Outcome]) -> String {
         esc(title)
     );
     let series: Vec<Vec<(f64, f64, f64)>> = runs.iter().map(|r| r.series()).collect();
-    let max_calls = series
-        .iter()
-        .flatten()
-        .map(|s| s.0)
-        .fold(1.0f64, f64::max);
-    let max_wait = series
-        .iter()
-        .flatten()
-        .map(|s| s.2)
-        .fold(1.0f64, f64::max);
+    let max_calls = series.iter().flatten().map(|s| s.0).fold(1.0f64, f64::max);
+    let max_wait = series.iter().flatten().map(|s| s.2).fold(1.0f64, f64::max);
     for (k, (r, s)) in runs.iter().zip(&series).enumerate() {
         let top = 40.0 + ph * k as f64;
         let (x0, x1, y0, y1) = (60.0, w - 60.0, top + 20.0, top + ph - 30.0);
@@ -327,5 +319,7 @@ pub fn svg(title: &str, runs: &[&Outcome]) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

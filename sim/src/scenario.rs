@@ -164,8 +164,16 @@ impl Scenario {
                     t.ec2_reconcile_interval,
                     1000.0,
                 ),
-                ("IPAMD_SUBNET_FULL_BACKOFF_MS", t.subnet_full_backoff, 1000.0),
-                ("IPAMD_LEAKED_ENI_SWEEP_MS", t.leaked_sweep_interval, 10_000.0),
+                (
+                    "IPAMD_SUBNET_FULL_BACKOFF_MS",
+                    t.subnet_full_backoff,
+                    1000.0,
+                ),
+                (
+                    "IPAMD_LEAKED_ENI_SWEEP_MS",
+                    t.leaked_sweep_interval,
+                    10_000.0,
+                ),
                 ("IPAMD_LEAKED_ENI_MIN_AGE_MS", t.leaked_min_age, 0.0),
                 ("IPAMD_SHRINK_GRACE_MS", t.shrink_grace, 0.0),
             ] {

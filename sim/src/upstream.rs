@@ -227,7 +227,9 @@ impl Upstream {
         };
         let device = {
             let s = self.state.lock().unwrap();
-            (1..16).find(|d| s.enis.iter().all(|e| e.device != *d)).unwrap_or(1)
+            (1..16)
+                .find(|d| s.enis.iter().all(|e| e.device != *d))
+                .unwrap_or(1)
         };
         let att = match self
             .call(|| self.cloud.attach_eni(&eni.id, &self.instance_id, device))
@@ -289,10 +291,15 @@ impl Upstream {
                 };
                 let Some((id, _)) = victim else { return };
                 // FreeENI: the attachment from a describe, detach, delete (retried).
-                let _ = self.call(|| self.cloud.instance_enis(&self.instance_id)).await;
+                let _ = self
+                    .call(|| self.cloud.instance_enis(&self.instance_id))
+                    .await;
                 let att = {
                     let s = self.state.lock().unwrap();
-                    s.enis.iter().find(|e| e.id == id).and_then(|e| e.attachment.clone())
+                    s.enis
+                        .iter()
+                        .find(|e| e.id == id)
+                        .and_then(|e| e.attachment.clone())
                 };
                 if let Some(att) = att
                     && self.call(|| self.cloud.detach_eni(&att)).await.is_err()
@@ -313,9 +320,7 @@ impl Upstream {
                     let s = self.state.lock().unwrap();
                     let free = self.free_now(&s);
                     let total: u32 = s.enis.iter().map(|e| e.addrs.len() as u32).sum();
-                    let mut over = free
-                        .saturating_sub(warm)
-                        .min(total.saturating_sub(min));
+                    let mut over = free.saturating_sub(warm).min(total.saturating_sub(min));
                     let now = Instant::now();
                     let mut plan = Vec::new();
                     for e in &s.enis {
@@ -340,7 +345,11 @@ impl Upstream {
                     plan
                 };
                 for (eni, ips) in plan {
-                    if self.call(|| self.cloud.unassign_ips(&eni, &ips)).await.is_ok() {
+                    if self
+                        .call(|| self.cloud.unassign_ips(&eni, &ips))
+                        .await
+                        .is_ok()
+                    {
                         let mut s = self.state.lock().unwrap();
                         if let Some(e) = s.enis.iter_mut().find(|e| e.id == eni) {
                             e.addrs.retain(|a| !ips.contains(a));
@@ -361,9 +370,14 @@ impl PodApi for Upstream {
             return true;
         }
         let now = Instant::now();
-        let pick = s.enis.iter().flat_map(|e| e.addrs.iter()).copied().find(|a| {
-            !s.assigned.values().any(|x| x == a) && s.cooldown.get(a).is_none_or(|t| *t <= now)
-        });
+        let pick = s
+            .enis
+            .iter()
+            .flat_map(|e| e.addrs.iter())
+            .copied()
+            .find(|a| {
+                !s.assigned.values().any(|x| x == a) && s.cooldown.get(a).is_none_or(|t| *t <= now)
+            });
         match pick {
             Some(a) => {
                 s.assigned.insert(key.to_string(), a);

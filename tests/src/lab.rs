@@ -397,6 +397,7 @@ impl Lab {
             ("IPAMD_POOL_INTERVAL_MS".into(), "200".into()),
             ("IPAMD_SHRINK_INTERVAL_MS".into(), "500".into()),
             ("IPAMD_ENI_MIN_AGE_MS".into(), "1000".into()),
+            ("IPAMD_SHRINK_GRACE_MS".into(), "0".into()),
             ("IPAMD_RECONCILE_INTERVAL_MS".into(), "2000".into()),
             ("IPAMD_LEAKED_ENI_MIN_AGE_MS".into(), "0".into()),
             ("IP_COOLDOWN_PERIOD".into(), "1".into()),

@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod config;
 pub mod datastore;
 pub mod hostnet;
+mod instance_limits;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -22,6 +22,19 @@ impl Limits {
     }
 }
 
+/// The limits of a known instance type without asking EC2 (upstream keeps such a table
+/// too); `None`: ask DescribeInstanceTypes.
+pub fn known_limits(instance_type: &str) -> Option<Limits> {
+    let t = crate::instance_limits::TABLE;
+    let i = t
+        .binary_search_by(|(name, _, _)| (*name).cmp(instance_type))
+        .ok()?;
+    Some(Limits {
+        max_enis: t[i].1.max(1) as u32,
+        ipv4_per_eni: t[i].2.max(1) as u32,
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// WARM_ENI_TARGET: keep whole ENIs' worth of addresses spare.
@@ -189,6 +202,23 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_built_in_table_knows_the_common_types_and_nothing_else() {
+        let l = |t| known_limits(t).map(|l| (l.max_enis, l.ipv4_per_eni));
+        assert_eq!(l("m5.large"), Some((3, 10)));
+        assert_eq!(l("t3.small"), Some((3, 4)));
+        assert_eq!(l("c5.18xlarge"), Some((15, 50)));
+        assert_eq!(l("m5.4xlarge"), Some((8, 30)));
+        assert_eq!(l("x9.imaginary"), None);
+        assert_eq!(l(""), None);
+        assert!(
+            crate::instance_limits::TABLE
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0),
+            "sorted, each type once"
+        );
+    }
 
     const T3_SMALL: Limits = Limits {
         max_enis: 3,

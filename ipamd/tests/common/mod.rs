@@ -66,6 +66,8 @@ impl Ipamd {
             ("IPAMD_ENI_MIN_AGE_MS", "0".into()),
             // These tests time ENI attaches; the warm grace has a test of its own.
             ("IPAMD_WARM_GRACE_MS", "0".into()),
+            // ... and ENI frees: the shrink grace has a test of its own too.
+            ("IPAMD_SHRINK_GRACE_MS", "0".into()),
             ("IPAMD_RECONCILE_INTERVAL_MS", "2000".into()),
             ("IPAMD_LEAKED_ENI_MIN_AGE_MS", "0".into()),
             // These tests' pods are gRPC calls, without interfaces on the host.

@@ -84,10 +84,21 @@ impl Node {
                 .find(|e| e.id == eni_id)
                 .and_then(|e| e.attachment_id),
         };
+        let deadline = Instant::now() + self.timing.detach_timeout;
         if let Some(att) = attachment {
             self.ec2.detach_eni(&att).await?;
+            // EC2 refuses the delete until the detach completes (seconds): IMDS, which is
+            // not metered, says when the ENI has left the instance; one delete then.
+            let mut wait = Duration::from_millis(100);
+            while Instant::now() < deadline {
+                match self.imds.enis().await {
+                    Ok(enis) if enis.iter().all(|e| e.id != eni_id) => break,
+                    _ => {}
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
         }
-        let deadline = Instant::now() + self.timing.detach_timeout;
         let mut wait = Duration::from_millis(100);
         loop {
             match self.ec2.delete_eni(eni_id).await {

@@ -85,7 +85,7 @@ impl Default for Timing {
             shrink_interval: Duration::from_secs(30),
             eni_min_age: Duration::from_secs(60),
             warm_grace: Duration::from_secs(5),
-            shrink_grace: Duration::ZERO,
+            shrink_grace: Duration::from_secs(300),
             reconcile_interval: Duration::from_secs(60),
             ec2_reconcile_interval: Duration::from_secs(300),
             subnet_full_backoff: Duration::from_secs(120),

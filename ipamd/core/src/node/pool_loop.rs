@@ -45,6 +45,8 @@ pub(super) struct LoopState {
     /// Since when the policy has wanted an ENI attached while the pool could still serve
     /// pods (see `warm_grace`).
     pub(super) attach_wanted_since: Option<Instant>,
+    /// Since when the pool has had more than its targets (see `shrink_grace`).
+    pub(super) surplus_since: Option<Instant>,
 }
 
 /// Not before `until`; the next wait is `next`.
@@ -202,20 +204,31 @@ impl Node {
         self.converge_host().await;
         loop {
             if self.limits().is_none() {
-                match self
-                    .ec2
-                    .instance_type_limits(&inst.meta.instance_type)
-                    .await
-                {
+                // A known type's limits come from the built-in table: no EC2 call.
+                let known = crate::pool::known_limits(&inst.meta.instance_type);
+                let got = match known {
+                    Some(l) => Ok(l),
+                    None => {
+                        self.ec2
+                            .instance_type_limits(&inst.meta.instance_type)
+                            .await
+                    }
+                };
+                match got {
                     Ok(l) => {
                         info!(
                             ?l,
                             max_pods = l.max_pods(),
-                            "limits of {}",
-                            inst.meta.instance_type
+                            "limits of {} ({})",
+                            inst.meta.instance_type,
+                            if known.is_some() {
+                                "built-in table"
+                            } else {
+                                "DescribeInstanceTypes"
+                            }
                         );
                         *self.limits.write().unwrap() = Some(l);
-                        self.reconcile_with_ec2().await;
+                        self.reconcile_at_start().await;
                         let per_slot = if self.cfg.enable_prefix_delegation {
                             16
                         } else {
@@ -357,6 +370,14 @@ impl Node {
         } else if decision != Decision::AttachEni {
             self.pool.lock().unwrap().attach_wanted_since = None;
         }
+        // A surplus is counted from when it is first seen; wanting more (or nothing)
+        // ends it.
+        if !matches!(
+            decision,
+            Decision::Release { .. } | Decision::FreeEni | Decision::Steady
+        ) {
+            self.pool.lock().unwrap().surplus_since = None;
+        }
         match decision {
             Decision::Steady if hold.is_some() => false,
             Decision::Steady if !matches!(policy.mode, Mode::Eni { .. }) => {
@@ -368,13 +389,19 @@ impl Node {
                         .filter(|e| !e.is_primary && e.slots_used() == 0)
                         .any(|e| e.first_seen.elapsed() >= self.timing.eni_min_age)
                 };
-                if empty && self.shrink_allowed() {
+                if !empty {
+                    self.pool.lock().unwrap().surplus_since = None;
+                    false
+                } else if self.shrink_allowed() {
                     self.free_eni(state, &Decision::FreeEni).await
                 } else {
                     false
                 }
             }
-            Decision::Steady | Decision::AtCapacity => false,
+            Decision::Steady | Decision::AtCapacity => {
+                self.pool.lock().unwrap().surplus_since = None;
+                false
+            }
             Decision::Assign { count } => {
                 if let Some(until) = self.pool.lock().unwrap().subnet_full_until
                     && Instant::now() < until
@@ -572,8 +599,22 @@ impl Node {
         }
     }
 
+    /// Whether the pool may give something back now: its surplus has lasted
+    /// `shrink_grace` (a pool that churns keeps what it will need again; no grace while
+    /// addresses are scarce: EC2 said a subnet is full, or subnet discovery saw one with
+    /// fewer than 64 free), and the last shrink is `shrink_interval` ago.
     pub(super) fn shrink_allowed(&self) -> bool {
         let mut rt = self.pool.lock().unwrap();
+        let now = Instant::now();
+        let since = *rt.surplus_since.get_or_insert(now);
+        let scarce = rt.subnet_full_until.is_some_and(|t| now < t)
+            || rt
+                .subnets
+                .as_ref()
+                .is_some_and(|(_, s)| s.iter().any(|s| s.available_addresses < 64));
+        if !scarce && now.saturating_duration_since(since) < self.timing.shrink_grace {
+            return false;
+        }
         let ok = rt
             .last_shrink
             .is_none_or(|t| t.elapsed() >= self.timing.shrink_interval);

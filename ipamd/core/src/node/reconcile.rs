@@ -21,7 +21,9 @@ pub(super) struct ReconcileState {
     pub(super) last_reconcile: Option<Instant>,
     /// The last pass that asked EC2 (DescribeNetworkInterfaces).
     pub(super) last_ec2_reconcile: Option<Instant>,
-    pub(super) last_sweep: Option<Instant>,
+    /// When the leaked-ENI sweep is due next (set at the first pass: the minimum age
+    /// from start, as no ENI younger than that is swept anyway).
+    pub(super) next_sweep: Option<Instant>,
     /// What the datastore held that EC2's last describe did not show: removed only when
     /// two describes in a row agree (describes can lag behind a change).
     missing: BTreeSet<Lost>,
@@ -89,6 +91,33 @@ impl Node {
     /// point (EC2 refused an address our view says fits; start-up).
     pub async fn reconcile_with_ec2(&self) {
         self.reconcile_pass(true).await
+    }
+
+    /// The first reconcile, once the limits are known. A fresh node (IMDS and the
+    /// datastore hold the primary ENI alone, without secondary addresses or prefixes, and
+    /// no pod) has nothing EC2 could add: IMDS alone, EC2 due an interval later. Any other
+    /// node asks EC2 (attachments, tags, addresses IMDS has not shown yet).
+    pub async fn reconcile_at_start(&self) {
+        let fresh = {
+            let s = self.store.lock().unwrap();
+            let enis: Vec<_> = s.enis().collect();
+            enis.len() == 1
+                && enis[0].is_primary
+                && enis[0].ips.is_empty()
+                && enis[0].prefixes.is_empty()
+                && s.assignments().is_empty()
+        };
+        let imds_fresh = fresh
+            && self.imds.enis().await.is_ok_and(|e| {
+                e.len() == 1 && e[0].secondary_ips.is_empty() && e[0].prefixes.is_empty()
+            });
+        if imds_fresh {
+            debug!("reconcile at start: a fresh node, EC2 not asked");
+            self.reconciler.lock().unwrap().last_ec2_reconcile = Some(Instant::now());
+            self.reconcile_pass(false).await
+        } else {
+            self.reconcile_pass(true).await
+        }
     }
 
     async fn reconcile_pass(&self, force_ec2: bool) {
@@ -411,21 +440,25 @@ impl Node {
 
     pub(super) async fn housekeeping(&self) {
         let (reconcile, sweep) = {
-            let rt = self.reconciler.lock().unwrap();
+            let mut rt = self.reconciler.lock().unwrap();
+            let now = Instant::now();
+            // The first sweep once an ENI leaked before this start is old enough to be
+            // swept (none younger is): not at start, beside the start's other calls.
+            let next = *rt
+                .next_sweep
+                .get_or_insert_with(|| now + self.timing.leaked_min_age);
             (
                 rt.last_reconcile
                     .is_none_or(|t| t.elapsed() >= self.timing.reconcile_interval),
-                !self.cfg.disable_leaked_eni_cleanup
-                    && rt
-                        .last_sweep
-                        .is_none_or(|t| t.elapsed() >= self.timing.leaked_sweep_interval),
+                !self.cfg.disable_leaked_eni_cleanup && now >= next,
             )
         };
         if reconcile {
             self.reconcile().await;
         }
         if sweep {
-            self.reconciler.lock().unwrap().last_sweep = Some(Instant::now());
+            self.reconciler.lock().unwrap().next_sweep =
+                Some(Instant::now() + self.timing.leaked_sweep_interval);
             self.sweep_leaked_enis().await;
         }
     }
