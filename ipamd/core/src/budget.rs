@@ -26,6 +26,8 @@ pub enum Family {
 struct Bucket {
     capacity: f64,
     per_sec: f64,
+    /// The refill rate the family starts at and recovers to.
+    base_per_sec: f64,
     tokens: f64,
     at: Instant,
 }
@@ -35,9 +37,24 @@ impl Bucket {
         Bucket {
             capacity,
             per_sec,
+            base_per_sec: per_sec,
             tokens: capacity,
             at: Instant::now(),
         }
+    }
+
+    /// EC2 throttled the family: nothing left, and half the rate (down to a tenth):
+    /// a fleet sharing one account's bucket backs off together instead of retrying at
+    /// each node's full rate (the AWS SDKs' adaptive retry mode does the same).
+    fn throttled(&mut self, now: Instant) {
+        self.tokens = 0.0;
+        self.at = now;
+        self.per_sec = (self.per_sec / 2.0).max(self.base_per_sec / 10.0);
+    }
+
+    /// A call of the family went through: the rate recovers by a fifth of its base.
+    fn succeeded(&mut self) {
+        self.per_sec = (self.per_sec + self.base_per_sec / 5.0).min(self.base_per_sec);
     }
 
     /// Takes a token, or says how long until one is there.
@@ -49,7 +66,13 @@ impl Bucket {
             self.tokens -= 1.0;
             None
         } else {
-            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+            // At least a millisecond, tokio's timer tick: a shorter sleep ends in the same
+            // tick, the bucket has not refilled, and on a paused clock (the simulator) the
+            // caller would spin at one instant forever.
+            Some(
+                Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
+                    .max(Duration::from_millis(1)),
+            )
         }
     }
 }
@@ -193,8 +216,7 @@ impl<E: Ec2> Budgeted<E> {
 
     fn drain(&self, fam: Family) {
         if let Some(b) = self.buckets.lock().unwrap().get_mut(&fam) {
-            b.tokens = 0.0;
-            b.at = Instant::now();
+            b.throttled(Instant::now());
         }
     }
 
@@ -243,7 +265,12 @@ impl<E: Ec2> Budgeted<E> {
                 });
             }
             match res {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    if let Some(b) = self.buckets.lock().unwrap().get_mut(&fam) {
+                        b.succeeded();
+                    }
+                    return Ok(v);
+                }
                 Err(e) => {
                     *self
                         .stats
@@ -385,6 +412,22 @@ impl<E: Ec2> Ec2 for Budgeted<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nearly_full_token_is_waited_for_a_whole_timer_tick() {
+        // Found by the simulator: (1 - tokens) / rate was a few ns, a sleep that ends in
+        // the same tick without refilling anything, so a paused clock never advanced.
+        let t0 = Instant::now();
+        let mut b = Bucket {
+            capacity: 50.0,
+            per_sec: 5.0,
+            tokens: 1.0 - 1e-12,
+            at: t0,
+        };
+        let d = b.take(t0).expect("less than one token");
+        assert!(d >= Duration::from_millis(1), "{d:?}");
+        assert_eq!(b.take(t0 + d), None, "refilled after the wait");
+    }
 
     #[test]
     fn bucket_refills_at_its_rate() {

@@ -422,6 +422,13 @@ impl Datastore {
     }
 
     /// Moves addresses whose cooldown has passed back to the free list.
+    /// When the address that has been cooling down longest becomes free (ns), if any.
+    pub fn next_cooled_ns(&self) -> Option<u64> {
+        self.cooldown
+            .front()
+            .map(|(at, _)| at.saturating_add(self.cooldown_ns))
+    }
+
     fn promote_cooled(&mut self, now_ns: u64) {
         let cooldown_ns = self.cooldown_ns;
         self.unplaced_cooldowns

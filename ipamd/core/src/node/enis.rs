@@ -166,24 +166,43 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
-        let subnet = self.subnet_for_new_eni(inst).await;
-        let created = self
-            .ec2
-            .create_eni(&NewEni {
-                subnet_id: subnet.id.clone(),
-                security_groups: inst.primary_sgs.clone(),
-                description: format!("aws-K8S-{}", inst.meta.instance_id),
-                tags,
-                secondary_ips: secondary,
-                prefixes,
-            })
-            .await?;
+        // An ENI created by an attempt whose attach EC2 throttled is attached now, not
+        // created again (each create and delete spends the account's ENI tokens).
+        let kept = self.pool.lock().unwrap().created_unattached.take();
+        let (created, subnet_cidr) = match kept {
+            Some(k) => k,
+            None => {
+                let subnet = self.subnet_for_new_eni(inst).await;
+                let created = self
+                    .ec2
+                    .create_eni(&NewEni {
+                        subnet_id: subnet.id.clone(),
+                        security_groups: inst.primary_sgs.clone(),
+                        description: format!("aws-K8S-{}", inst.meta.instance_id),
+                        tags,
+                        secondary_ips: secondary,
+                        prefixes,
+                    })
+                    .await?;
+                (created, subnet.cidr)
+            }
+        };
         let attachment = match self
             .ec2
             .attach_eni(&created.id, &inst.meta.instance_id, device)
             .await
         {
             Ok(a) => a,
+            Err(e) if e.is_transient() => {
+                // Kept for the next attempt; the leaked-ENI sweep removes it if ipamd
+                // stops first.
+                info!(
+                    "attaching {} failed ({e}): kept for the next attempt",
+                    created.id
+                );
+                self.pool.lock().unwrap().created_unattached = Some((created, subnet_cidr));
+                return Err(e);
+            }
             Err(e) => {
                 // Never leave a created ENI behind.
                 if let Err(d) = self.ec2.delete_eni(&created.id).await {
@@ -197,7 +216,7 @@ impl Node {
         };
         let mut info = created;
         info.device_number = device;
-        info.subnet_cidr = subnet.cidr;
+        info.subnet_cidr = subnet_cidr;
         info.attachment_id = Some(attachment.clone());
         let id = info.id.clone();
         // Its addresses are handed out only once the host can route them.

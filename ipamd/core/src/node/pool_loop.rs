@@ -37,6 +37,8 @@ pub(super) struct LoopState {
     pub(super) eni_backoff: BTreeMap<String, Backoff>,
     /// After a failed attach, no other before the time (doubling).
     pub(super) attach_backoff: Option<Backoff>,
+    /// The attach back-off came from a throttled attach no pod was waiting for.
+    pub(super) attach_backoff_warm_only: bool,
     /// ENIs attached whose link has not appeared on the host yet: they count as ENIs
     /// (no second attach at their device, none while they wait) but give no addresses.
     pub(super) waiting_for_link: BTreeMap<String, LinkWait>,
@@ -45,6 +47,9 @@ pub(super) struct LoopState {
     /// Since when the policy has wanted an ENI attached while the pool could still serve
     /// pods (see `warm_grace`).
     pub(super) attach_wanted_since: Option<Instant>,
+    /// An ENI created whose attach failed for a transient reason (throttling): attached
+    /// by the next attempt instead of a new one. (With its subnet's CIDR.)
+    pub(super) created_unattached: Option<(crate::cloud::EniInfo, crate::net::Ipv4Net)>,
     /// Since when the pool has had more than its targets (see `shrink_grace`).
     pub(super) surplus_since: Option<Instant>,
 }
@@ -82,6 +87,9 @@ pub struct LinkWait {
 const ENI_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
 /// First and longest waits before another attach after a failed one.
 const ATTACH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(120));
+/// The same after EC2 throttled an attach that only the warm target wanted (no pod waiting).
+const WARM_ATTACH_BACKOFF: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(300));
 
 impl Node {
     pub fn decisions(&self) -> Vec<DecisionRecord> {
@@ -340,6 +348,22 @@ impl Node {
                 _ => {}
             }
         }
+        // Pods waiting now need addresses beyond the targets (the policy counts only what
+        // the datastore holds): asked for in the same call, not one pass after another.
+        let waiting = self.waiting.load(Ordering::SeqCst);
+        if hold.is_none()
+            && waiting > 0
+            && let Decision::Assign { count } = decision
+        {
+            decision = Decision::Assign {
+                count: count
+                    + if prefix_mode {
+                        waiting.div_ceil(16)
+                    } else {
+                        waiting
+                    },
+            };
+        }
         // Hysteresis: an ENI only for the warm target (no pod waiting, more than half of
         // the target still free) is attached once that shortfall has lasted `warm_grace`,
         // as upstream's 5 s loop would first notice it: a pod that lives a few seconds no
@@ -532,12 +556,18 @@ impl Node {
                             w.eni.id, w.eni.device_number
                         ))
                     } else {
-                        rt.attach_backoff.filter(Backoff::active).map(|b| {
-                            format!(
-                                "held: backing off {:?} after a failed attach",
-                                b.until.saturating_duration_since(Instant::now())
-                            )
-                        })
+                        // A back-off that only the warm target ran into does not hold
+                        // back a pod waiting now.
+                        let waiting = self.waiting.load(Ordering::SeqCst) > 0;
+                        rt.attach_backoff
+                            .filter(Backoff::active)
+                            .filter(|_| !(waiting && rt.attach_backoff_warm_only))
+                            .map(|b| {
+                                format!(
+                                    "held: backing off {:?} after a failed attach",
+                                    b.until.saturating_duration_since(Instant::now())
+                                )
+                            })
                     }
                 };
                 if let Some(why) = held {
@@ -548,13 +578,17 @@ impl Node {
                     return false;
                 }
                 let me = self.clone();
-                let short = policy.shortfall(&state);
+                let short = policy.shortfall(&state) + self.waiting.load(Ordering::SeqCst);
                 tokio::spawn(async move {
                     let r = me.attach_new_eni(limits, short).await;
                     me.attaching.store(false, Ordering::SeqCst);
                     match r {
                         Ok(outcome) => {
-                            me.pool.lock().unwrap().attach_backoff = None;
+                            {
+                                let mut rt = me.pool.lock().unwrap();
+                                rt.attach_backoff = None;
+                                rt.attach_backoff_warm_only = false;
+                            }
                             me.record_decision(state, &Decision::AttachEni, outcome);
                             me.addresses_added.notify_waiters();
                             me.wake_pool.notify_one();
@@ -566,12 +600,23 @@ impl Node {
                                     rt.subnet_full_until =
                                         Some(Instant::now() + me.timing.subnet_full_backoff);
                                 }
+                                // Throttled while no pod waited: the account's ENI calls
+                                // are short, and nodes with pods waiting need them more.
+                                let warm_only =
+                                    e.is_throttle() && me.waiting.load(Ordering::SeqCst) == 0;
+                                let (first, max) = if warm_only {
+                                    WARM_ATTACH_BACKOFF
+                                } else {
+                                    ATTACH_BACKOFF
+                                };
                                 let b = Backoff::after(
-                                    rt.attach_backoff,
-                                    ATTACH_BACKOFF.0,
-                                    ATTACH_BACKOFF.1,
+                                    rt.attach_backoff
+                                        .filter(|_| rt.attach_backoff_warm_only == warm_only),
+                                    first,
+                                    max,
                                 );
                                 rt.attach_backoff = Some(b);
+                                rt.attach_backoff_warm_only = warm_only;
                                 b.until.saturating_duration_since(Instant::now())
                             };
                             me.metrics.error("increaseIPPoolAllocENI");

@@ -75,8 +75,14 @@ impl Node {
             if left.is_zero() {
                 return Ok(AddOutcome::NoAddress);
             }
-            // Also re-check now and then: an address may leave cooldown without a notification.
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), added).await;
+            // An address leaving cooldown notifies nobody: look again when the next one
+            // does (and every 2 s whatever happens), not on a fixed short poll (a node full
+            // of waiting pods woke 4 times a second each).
+            let cooled = self.store.lock().unwrap().next_cooled_ns().map(|t| {
+                Duration::from_nanos(t.saturating_sub(now_ns())) + Duration::from_millis(1)
+            });
+            let recheck = cooled.map_or(Duration::from_secs(2), |c| c.min(Duration::from_secs(2)));
+            let _ = tokio::time::timeout(left.min(recheck), added).await;
         }
     }
 
