@@ -76,18 +76,25 @@ impl Run {
     }
 }
 
+/// How a kubelet retries a pod's ADD: after `retry` (+ up to half of it), until `until`.
+#[derive(Clone, Copy)]
+struct Kubelet {
+    retry: Duration,
+    until: Instant,
+}
+
 /// One pod's life: created at its time, AddNetwork until served (kubelet's back-off
 /// between failures), deleted when its time comes (or never).
 async fn pod(
     run: Arc<Run>,
     api: Arc<dyn PodApi>,
     key: String,
-    retry: Duration,
+    kubelet: Kubelet,
     seed: u64,
     hold: Option<Duration>,
     served_tx: Option<tokio::sync::oneshot::Sender<()>>,
-    until: Instant,
 ) {
+    let Kubelet { retry, until } = kubelet;
     let t0 = Instant::now();
     run.pods.lock().unwrap().waiting.push((run.ms(), 1));
     let mut rng = Rng::new(seed);
@@ -131,7 +138,10 @@ async fn workload(
     launched: Instant,
     end: Instant,
 ) {
-    let retry = sc.secs(sc.kubelet_retry_s);
+    let kubelet = Kubelet {
+        retry: sc.secs(sc.kubelet_retry_s),
+        until: end,
+    };
     let mut rng = Rng::new(sc.seed ^ (node as u64).wrapping_mul(0x9E37_79B9));
     let mut tasks = Vec::new();
     // (created at, key) of pods that stay: the rollouts replace them.
@@ -156,7 +166,7 @@ async fn workload(
                 let (run, api, seed) = (run.clone(), api.clone(), rng.next_u64());
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep_until(at).await;
-                    pod(run, api, key, retry, seed, hold, None, end).await;
+                    pod(run, api, key, kubelet, seed, hold, None).await;
                 }));
             }
             start += sc.secs(wave.spread_s + wave.hold_s + wave.gap_s);
@@ -184,11 +194,10 @@ async fn workload(
                 run2,
                 api2,
                 key,
-                retry,
+                kubelet,
                 seed,
                 None,
                 Some(tx),
-                end,
             )));
             // maxUnavailable 0: the old pod goes once the new one runs.
             let _ = rx.await;

@@ -609,7 +609,7 @@ impl Account {
                 };
                 let info = self.info(&e);
                 self.enis.insert(e.id.clone(), e);
-                Ok(Answer::Eni(info))
+                Ok(Answer::Eni(Box::new(info)))
             }
             Op::Attach(eni, inst_id, device) => {
                 let i = self
@@ -779,7 +779,7 @@ enum Answer {
     Limits(Limits),
     Enis(Vec<EniInfo>),
     Subnets(Vec<SubnetInfo>),
-    Eni(EniInfo),
+    Eni(Box<EniInfo>),
     Id(String),
     Unit(()),
     Ips(Vec<Ipv4Addr>),
@@ -873,6 +873,7 @@ impl Ec2 for NodeCloud {
                 .await,
             Eni
         )
+        .map(|e| *e)
     }
     async fn attach_eni(&self, eni: &str, inst: &str, device: u32) -> CloudResult<String> {
         answer!(

@@ -133,7 +133,7 @@ impl Scenario {
         if s.subnets.iter().all(|n| !n.nodes) {
             return Err("subnet: at least one with nodes = true".into());
         }
-        if !(s.time_scale > 0.0) {
+        if s.time_scale.is_nan() || s.time_scale <= 0.0 {
             return Err("time_scale: above 0".into());
         }
         for n in &s.subnets {

@@ -421,12 +421,37 @@ mod tests {
         let mut b = Bucket {
             capacity: 50.0,
             per_sec: 5.0,
+            base_per_sec: 5.0,
             tokens: 1.0 - 1e-12,
             at: t0,
         };
         let d = b.take(t0).expect("less than one token");
         assert!(d >= Duration::from_millis(1), "{d:?}");
         assert_eq!(b.take(t0 + d), None, "refilled after the wait");
+    }
+
+    #[test]
+    fn a_throttled_family_halves_its_rate_to_a_tenth_and_recovers_by_fifths() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 20.0);
+        b.throttled(t0);
+        assert_eq!(b.tokens, 0.0);
+        assert_eq!(b.per_sec, 10.0);
+        for _ in 0..10 {
+            b.throttled(t0);
+        }
+        assert_eq!(b.per_sec, 2.0, "floor: a tenth of the base");
+        b.succeeded();
+        assert_eq!(b.per_sec, 6.0);
+        for _ in 0..10 {
+            b.succeeded();
+        }
+        assert_eq!(b.per_sec, 20.0, "never above the base");
+        // The halved rate is what refills: one token after 1/2 s at 2/s.
+        b.throttled(t0);
+        b.per_sec = 2.0;
+        let wait = b.take(t0).expect("empty");
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
     }
 
     #[test]
