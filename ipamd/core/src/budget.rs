@@ -30,6 +30,8 @@ struct Bucket {
     base_per_sec: f64,
     tokens: f64,
     at: Instant,
+    /// When EC2 last throttled the family.
+    throttled_at: Option<Instant>,
 }
 
 impl Bucket {
@@ -40,6 +42,7 @@ impl Bucket {
             base_per_sec: per_sec,
             tokens: capacity,
             at: Instant::now(),
+            throttled_at: None,
         }
     }
 
@@ -49,6 +52,7 @@ impl Bucket {
     fn throttled(&mut self, now: Instant) {
         self.tokens = 0.0;
         self.at = now;
+        self.throttled_at = Some(now);
         self.per_sec = (self.per_sec / 2.0).max(self.base_per_sec / 10.0);
     }
 
@@ -327,6 +331,10 @@ fn jitter_fraction() -> f64 {
 
 #[async_trait]
 impl<E: Ec2> Ec2 for Budgeted<E> {
+    fn eni_calls_throttled_ago(&self) -> Option<Duration> {
+        let at = self.buckets.lock().unwrap()[&Family::EniLifecycle].throttled_at?;
+        Some(Instant::now().saturating_duration_since(at))
+    }
     async fn instance_type_limits(&self, t: &str) -> CloudResult<Limits> {
         self.call("DescribeInstanceTypes", Family::Describe, || {
             self.inner.instance_type_limits(t)
@@ -424,6 +432,7 @@ mod tests {
             base_per_sec: 5.0,
             tokens: 1.0 - 1e-12,
             at: t0,
+            throttled_at: None,
         };
         let d = b.take(t0).expect("less than one token");
         assert!(d >= Duration::from_millis(1), "{d:?}");

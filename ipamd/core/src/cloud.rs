@@ -123,6 +123,11 @@ pub struct NewEni {
 /// derived from this list).
 #[async_trait]
 pub trait Ec2: Send + Sync {
+    /// How long ago EC2 last throttled an ENI lifecycle call (Create/Attach/Detach/Delete
+    /// NetworkInterface): the budget knows, a bare client says `None`. Not an EC2 call.
+    fn eni_calls_throttled_ago(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// DescribeInstanceTypes
     async fn instance_type_limits(&self, instance_type: &str) -> CloudResult<Limits>;
     /// DescribeNetworkInterfaces (attachment.instance-id)

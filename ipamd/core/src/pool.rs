@@ -136,6 +136,31 @@ impl Policy {
         }
     }
 
+    /// The shortfall once `waiting` pods (not in the datastore yet) hold addresses too:
+    /// what to ask for in one call when pods wait. Each waiting pod adds to the warm
+    /// part; a MINIMUM_IP_TARGET the pool is below already counts them.
+    pub fn shortfall_with_waiting(&self, s: &PoolState, waiting: u32) -> u32 {
+        if waiting == 0 {
+            return self.shortfall(s);
+        }
+        let avail = s.available();
+        match self.mode {
+            Mode::IpTarget { warm_ip, min_ip }
+            | Mode::Prefix {
+                warm_ip, min_ip, ..
+            } if warm_ip > 0 || min_ip > 0 => {
+                let a = (warm_ip + waiting).saturating_sub(avail);
+                let b = min_ip.saturating_sub(s.total);
+                a.max(b)
+            }
+            Mode::Eni { warm_eni } => {
+                (self.limits.slots_per_eni() * warm_eni + waiting).saturating_sub(avail)
+            }
+            Mode::Prefix { warm_prefix, .. } => (16 * warm_prefix + waiting).saturating_sub(avail),
+            Mode::IpTarget { .. } => waiting.saturating_sub(avail),
+        }
+    }
+
     /// Spare addresses beyond the targets that may go back (IP-target modes only;
     /// ENI mode frees whole ENIs and never single addresses).
     pub fn surplus(&self, s: &PoolState) -> u32 {
@@ -426,6 +451,51 @@ mod tests {
             let got = converge(policy(c.limits, c.mode, c.max_eni), c.pods);
             assert_eq!(got, (c.enis, c.ips), "{}", c.name);
         }
+    }
+
+    #[test]
+    fn waiting_pods_add_to_the_warm_part_not_to_a_minimum_that_counts_them() {
+        let st = |total, assigned| PoolState {
+            enis: 1,
+            total,
+            assigned,
+            cooldown: 0,
+            free_slots: 9 - total,
+            prefixes: 0,
+        };
+        let warm_min = policy(
+            M5_LARGE,
+            Mode::IpTarget {
+                warm_ip: 3,
+                min_ip: 5,
+            },
+            None,
+        );
+        // (state, waiting, want): found by ops.rs, a fresh node asked 6 for MIN 5 and a
+        // pod, then gave one back.
+        for (s, w, want) in [
+            (st(0, 0), 0, 5),
+            (st(0, 0), 1, 5),
+            (st(0, 0), 2, 5),
+            (st(0, 0), 3, 6),
+            (st(5, 5), 4, 7),
+            (st(6, 3), 0, 0),
+            (st(6, 6), 1, 4),
+        ] {
+            assert_eq!(warm_min.shortfall_with_waiting(&s, w), want, "{s:?} waiting {w}");
+        }
+        let warm_only = policy(
+            M5_LARGE,
+            Mode::IpTarget {
+                warm_ip: 2,
+                min_ip: 0,
+            },
+            None,
+        );
+        assert_eq!(warm_only.shortfall_with_waiting(&st(4, 4), 3), 5);
+        let eni = policy(M5_LARGE, Mode::Eni { warm_eni: 1 }, None);
+        assert_eq!(eni.shortfall_with_waiting(&st(9, 9), 2), 11);
+        assert_eq!(eni.shortfall_with_waiting(&st(9, 9), 0), eni.shortfall(&st(9, 9)));
     }
 
     #[test]

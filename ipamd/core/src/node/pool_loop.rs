@@ -90,6 +90,10 @@ const ATTACH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::
 /// The same after EC2 throttled an attach that only the warm target wanted (no pod waiting).
 const WARM_ATTACH_BACKOFF: (Duration, Duration) =
     (Duration::from_secs(30), Duration::from_secs(300));
+/// No attach for the warm target alone (no pod waiting) this long after EC2 throttled any
+/// of the node's ENI calls: the account's ENI bucket is short, and the nodes whose pods
+/// wait need its tokens (a fleet scaling out spent a quarter of them on warm ENIs).
+const WARM_HOLD_AFTER_THROTTLE: Duration = Duration::from_secs(60);
 
 impl Node {
     pub fn decisions(&self) -> Vec<DecisionRecord> {
@@ -350,18 +354,20 @@ impl Node {
         }
         // Pods waiting now need addresses beyond the targets (the policy counts only what
         // the datastore holds): asked for in the same call, not one pass after another.
+        // Not on top of a MINIMUM_IP_TARGET that already counts them.
         let waiting = self.waiting.load(Ordering::SeqCst);
         if hold.is_none()
             && waiting > 0
             && let Decision::Assign { count } = decision
         {
+            let need = policy.shortfall_with_waiting(&state, waiting);
+            let need = if prefix_mode {
+                need.div_ceil(16)
+            } else {
+                need.min(limits.max_pods().saturating_sub(state.total))
+            };
             decision = Decision::Assign {
-                count: count
-                    + if prefix_mode {
-                        waiting.div_ceil(16)
-                    } else {
-                        waiting
-                    },
+                count: count.max(need),
             };
         }
         // Hysteresis: an ENI only for the warm target (no pod waiting, more than half of
@@ -559,15 +565,26 @@ impl Node {
                         // A back-off that only the warm target ran into does not hold
                         // back a pod waiting now.
                         let waiting = self.waiting.load(Ordering::SeqCst) > 0;
-                        rt.attach_backoff
-                            .filter(Backoff::active)
-                            .filter(|_| !(waiting && rt.attach_backoff_warm_only))
-                            .map(|b| {
-                                format!(
-                                    "held: backing off {:?} after a failed attach",
-                                    b.until.saturating_duration_since(Instant::now())
-                                )
-                            })
+                        let throttled = self
+                            .ec2
+                            .eni_calls_throttled_ago()
+                            .filter(|ago| !waiting && *ago < WARM_HOLD_AFTER_THROTTLE);
+                        if let Some(ago) = throttled {
+                            Some(format!(
+                                "held: EC2 throttled the node's ENI calls {}s ago and no pod waits",
+                                ago.as_secs()
+                            ))
+                        } else {
+                            rt.attach_backoff
+                                .filter(Backoff::active)
+                                .filter(|_| !(waiting && rt.attach_backoff_warm_only))
+                                .map(|b| {
+                                    format!(
+                                        "held: backing off {:?} after a failed attach",
+                                        b.until.saturating_duration_since(Instant::now())
+                                    )
+                                })
+                        }
                     }
                 };
                 if let Some(why) = held {
