@@ -482,7 +482,11 @@ mod tests {
             (st(6, 3), 0, 0),
             (st(6, 6), 1, 4),
         ] {
-            assert_eq!(warm_min.shortfall_with_waiting(&s, w), want, "{s:?} waiting {w}");
+            assert_eq!(
+                warm_min.shortfall_with_waiting(&s, w),
+                want,
+                "{s:?} waiting {w}"
+            );
         }
         let warm_only = policy(
             M5_LARGE,
@@ -495,7 +499,10 @@ mod tests {
         assert_eq!(warm_only.shortfall_with_waiting(&st(4, 4), 3), 5);
         let eni = policy(M5_LARGE, Mode::Eni { warm_eni: 1 }, None);
         assert_eq!(eni.shortfall_with_waiting(&st(9, 9), 2), 11);
-        assert_eq!(eni.shortfall_with_waiting(&st(9, 9), 0), eni.shortfall(&st(9, 9)));
+        assert_eq!(
+            eni.shortfall_with_waiting(&st(9, 9), 0),
+            eni.shortfall(&st(9, 9))
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::{Node, RECOVERED_PREFIX, TAG_CREATED_AT, TAG_INSTANCE_ID, now_ns, store_eni};
+use crate::budget;
 use crate::clock::parse_rfc3339;
 use crate::cloud::EniInfo;
 use crate::net::Ipv4Net;
@@ -185,11 +186,21 @@ impl Node {
             return;
         };
         debug!("reconcile: asking EC2 ({why_ec2})");
-        let enis = match self.ec2.instance_enis(&inst.meta.instance_id).await {
+        let describe = self.ec2.instance_enis(&inst.meta.instance_id);
+        // Only due: one attempt (the next pass asks again); else the budget's retries.
+        let described = if why_ec2 == "due" {
+            budget::at_most(1, describe).await
+        } else {
+            describe.await
+        };
+        let enis = match described {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.error("nodeIPPoolReconcileDescribeFailed");
                 warn!("reconcile: {e}");
+                // Tried again a reconcile interval later, not at the next pool pass (a
+                // throttled describe was asked again every pass).
+                self.reconciler.lock().unwrap().last_reconcile = Some(Instant::now());
                 return;
             }
         };
@@ -469,15 +480,20 @@ impl Node {
         let Some(inst) = self.identity() else {
             return 0;
         };
-        let enis = match self
-            .ec2
-            .unattached_enis_tagged(TAG_INSTANCE_ID, &inst.meta.instance_id)
-            .await
-        {
+        // One attempt: a sweep EC2 throttles is tried again a reconcile interval later.
+        let listed = budget::at_most(
+            1,
+            self.ec2
+                .unattached_enis_tagged(TAG_INSTANCE_ID, &inst.meta.instance_id),
+        )
+        .await;
+        let enis = match listed {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.error("leakedENISweepFailed");
                 warn!("leaked-ENI sweep: {e}");
+                self.reconciler.lock().unwrap().next_sweep =
+                    Some(Instant::now() + self.timing.reconcile_interval);
                 return 0;
             }
         };
