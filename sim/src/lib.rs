@@ -62,6 +62,16 @@ pub struct PodLog {
     pub failed_adds: u64,
 }
 
+impl PodLog {
+    /// At the end: pods still waiting (inside an AddNetwork, or between kubelet's tries)
+    /// are unserved too.
+    fn closed(mut self) -> PodLog {
+        let still: i64 = self.waiting.iter().map(|(_, d)| *d as i64).sum();
+        self.unserved += still.max(0) as u64;
+        self
+    }
+}
+
 pub struct Run {
     pub account: Shared,
     pub pods: Arc<Mutex<PodLog>>,
@@ -225,7 +235,7 @@ pub async fn drive(sc: Arc<Scenario>, api: Arc<dyn PodApi>, account: Shared) -> 
         _ = tokio::time::sleep_until(end) => {}
     }
     tokio::time::sleep_until(end).await;
-    std::mem::take(&mut *run.pods.lock().unwrap())
+    std::mem::take(&mut *run.pods.lock().unwrap()).closed()
 }
 
 /// Runs the scenario with one implementation on the current (paused) runtime.
@@ -290,7 +300,7 @@ pub async fn run(sc: Arc<Scenario>, which: Impl, store: &std::path::Path) -> rep
     for n in nodes {
         n.abort();
     }
-    let pods = std::mem::take(&mut *run.pods.lock().unwrap());
+    let pods = std::mem::take(&mut *run.pods.lock().unwrap()).closed();
     let log = std::mem::take(&mut account.lock().unwrap().log);
     let (enis, addrs) = account.lock().unwrap().totals();
     report::Outcome::new(which, &sc, pods, log, series, enis, addrs, wall.elapsed())

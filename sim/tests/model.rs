@@ -171,6 +171,37 @@ fn a_run_is_the_same_run_again_and_serves_every_pod() {
 }
 
 #[test]
+fn every_pod_is_served_or_counted_unserved_when_the_subnet_runs_out() {
+    // 3 nodes x 20 pods in a /26 (44 addresses, 3 of them the nodes'): some never get one;
+    // those still inside an AddNetwork at the end count too.
+    let sc = Scenario::parse(
+        r#"
+name = "full"
+nodes = 3
+duration_s = 200
+[[wave]]
+at_s = 5
+pods = 20
+spread_s = 5
+[[subnet]]
+cidr = "10.0.0.0/26"
+"#,
+    )
+    .unwrap();
+    for which in [Impl::Ours, Impl::Upstream] {
+        let o = run_paused(&sc, which);
+        let served = o.pods.served_ms.len() as u64;
+        assert_eq!(served + o.pods.unserved, 60, "{}", which.name());
+        assert!(
+            served <= 41 && o.pods.unserved >= 19,
+            "{}: {served}",
+            which.name()
+        );
+        assert!(o.waited_long() >= o.pods.unserved);
+    }
+}
+
+#[test]
 fn scenarios_refuse_what_they_cannot_run() {
     for (bad, says) in [
         ("nodes = 0", "nodes: at least 1"),
@@ -187,4 +218,29 @@ fn scenarios_refuse_what_they_cannot_run() {
         let p = f.unwrap().path();
         Scenario::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
+}
+
+#[test]
+fn a_call_that_is_only_due_is_tried_once_through_throttling() {
+    use ipamd_core::budget::{BudgetConfig, Budgeted, at_most};
+    paused().block_on(async {
+        let b = BucketParam {
+            burst: 1.0,
+            per_sec: 0.001,
+        };
+        let (shared, cloud) = account(b, "10.0.0.0/24");
+        let id = shared.lock().unwrap().instances[0].id.clone();
+        let ec2 = Budgeted::new(cloud, BudgetConfig::default());
+        ec2.instance_enis(&id).await.expect("the burst's token");
+        let calls = |shared: &Arc<Mutex<Account>>| shared.lock().unwrap().log.len();
+        let e = at_most(1, ec2.instance_enis(&id)).await.unwrap_err();
+        assert!(e.is_throttle(), "{e}");
+        assert_eq!(calls(&shared), 2, "one attempt");
+        ec2.instance_enis(&id).await.unwrap_err();
+        assert_eq!(
+            calls(&shared),
+            2 + BudgetConfig::default().max_attempts as usize,
+            "the budget's attempts"
+        );
+    });
 }
