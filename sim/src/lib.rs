@@ -60,6 +60,9 @@ pub struct PodLog {
     pub waiting: Vec<(u64, i32)>,
     /// AddNetwork calls that failed (kubelet tried again).
     pub failed_adds: u64,
+    /// Nodes whose instance could not launch (no address left in their subnet): their
+    /// pods are never created.
+    pub nodes_not_launched: u64,
 }
 
 impl PodLog {
@@ -275,11 +278,11 @@ pub async fn run(sc: Arc<Scenario>, which: Impl, store: &std::path::Path) -> rep
         let dir = store.join(format!("node-{n}"));
         nodes.push(tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
-            let idx = account
-                .lock()
-                .unwrap()
-                .launch(&sc.instance_type, subnet)
-                .expect("a subnet with room for the node");
+            let launched = account.lock().unwrap().launch(&sc.instance_type, subnet);
+            let Ok(idx) = launched else {
+                run.pods.lock().unwrap().nodes_not_launched += 1;
+                return;
+            };
             let cloud = model::NodeCloud {
                 account: account.clone(),
                 node: idx,

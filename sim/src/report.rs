@@ -139,6 +139,7 @@ impl Outcome {
                 "maxMs": s.last().copied().unwrap_or(0),
                 "waitedLongerThanAddNetworkWait": self.waited_long(),
                 "failedAddNetwork": self.pods.failed_adds,
+                "nodesNotLaunched": self.pods.nodes_not_launched,
             },
             "ec2": {
                 "calls": self.calls(),
@@ -168,6 +169,13 @@ impl Outcome {
             self.waited_long(),
             self.pods.failed_adds,
         );
+        if self.pods.nodes_not_launched > 0 {
+            let _ = writeln!(
+                o,
+                "  nodes that could not launch (their subnet full): {}",
+                self.pods.nodes_not_launched
+            );
+        }
         let _ = writeln!(
             o,
             "  EC2 calls {} ({:.2} per node), throttled {}; lowest tokens {}",

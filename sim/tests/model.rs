@@ -202,6 +202,30 @@ cidr = "10.0.0.0/26"
 }
 
 #[test]
+fn a_node_that_cannot_launch_in_a_full_subnet_is_counted_not_a_panic() {
+    // A /27 holds 12 addresses (.4 to .15): 8 of 20 instances cannot launch in it.
+    let sc = Scenario::parse(
+        "name = \"tiny\"\nnodes = 20\nduration_s = 60\n[[wave]]\nat_s = 1\npods = 1\n\
+         [[subnet]]\ncidr = \"10.0.0.0/27\"\n",
+    )
+    .unwrap();
+    for which in [Impl::Ours, Impl::Upstream] {
+        let o = run_paused(&sc, which);
+        assert!(
+            o.pods.nodes_not_launched == 8,
+            "{}: {}",
+            which.name(),
+            o.pods.nodes_not_launched
+        );
+        assert!(o.text().contains("could not launch"));
+        assert_eq!(
+            o.json()["pods"]["nodesNotLaunched"],
+            o.pods.nodes_not_launched
+        );
+    }
+}
+
+#[test]
 fn scenarios_refuse_what_they_cannot_run() {
     for (bad, says) in [
         ("nodes = 0", "nodes: at least 1"),
