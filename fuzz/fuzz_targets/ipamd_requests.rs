@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
                     },
                     primary_ip: ip(b),
                     attachment_id: None,
-                    first_seen: Instant::now(),
+                    first_seen: Instant::now().into(),
                     ips: (0..c % 6).map(|i| ip(b.wrapping_add(i))).collect(),
                     prefixes: Default::default(),
                 });
