@@ -109,40 +109,13 @@ impl Policy {
 
     /// How many addresses short the pool is (0 when none).
     pub fn shortfall(&self, s: &PoolState) -> u32 {
-        let avail = s.available();
-        match self.mode {
-            Mode::IpTarget { warm_ip, min_ip }
-            | Mode::Prefix {
-                warm_ip, min_ip, ..
-            } if warm_ip > 0 || min_ip > 0 => {
-                let a = warm_ip.saturating_sub(avail);
-                let b = min_ip.saturating_sub(s.total);
-                a.max(b)
-            }
-            Mode::Eni { warm_eni } => {
-                let want = self.limits.slots_per_eni() * warm_eni;
-                if (warm_eni == 0 && avail == 0) || avail < want {
-                    // Grow by what makes `available` reach the target (at least one address).
-                    want.saturating_sub(avail).max(1)
-                } else {
-                    0
-                }
-            }
-            Mode::Prefix { warm_prefix, .. } => {
-                let want = 16 * warm_prefix.max(if avail == 0 { 1 } else { 0 });
-                want.saturating_sub(avail)
-            }
-            Mode::IpTarget { .. } => 0,
-        }
+        self.shortfall_with_waiting(s, 0)
     }
 
     /// The shortfall once `waiting` pods (not in the datastore yet) hold addresses too:
     /// what to ask for in one call when pods wait. Each waiting pod adds to the warm
     /// part; a MINIMUM_IP_TARGET the pool is below already counts them.
     pub fn shortfall_with_waiting(&self, s: &PoolState, waiting: u32) -> u32 {
-        if waiting == 0 {
-            return self.shortfall(s);
-        }
         let avail = s.available();
         match self.mode {
             Mode::IpTarget { warm_ip, min_ip }
@@ -154,9 +127,19 @@ impl Policy {
                 a.max(b)
             }
             Mode::Eni { warm_eni } => {
-                (self.limits.slots_per_eni() * warm_eni + waiting).saturating_sub(avail)
+                let want = self.limits.slots_per_eni() * warm_eni + waiting;
+                if (warm_eni == 0 && avail == 0) || avail < want {
+                    // Grow by what makes `available` reach the target (at least one address).
+                    want.saturating_sub(avail).max(1)
+                } else {
+                    0
+                }
             }
-            Mode::Prefix { warm_prefix, .. } => (16 * warm_prefix + waiting).saturating_sub(avail),
+            Mode::Prefix { warm_prefix, .. } => {
+                // An empty pool keeps one prefix even with no pod waiting.
+                let floor = if avail == 0 && waiting == 0 { 1 } else { 0 };
+                (16 * warm_prefix.max(floor) + waiting).saturating_sub(avail)
+            }
             Mode::IpTarget { .. } => waiting.saturating_sub(avail),
         }
     }
