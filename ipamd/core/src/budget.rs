@@ -297,14 +297,16 @@ impl<E: Ec2> Budgeted<E> {
                         .errors
                         .entry(api.to_string())
                         .or_default() += 1;
-                    let max = ATTEMPTS.try_with(|n| *n).unwrap_or(self.cfg.max_attempts);
-                    if !e.is_transient() || attempt >= max {
-                        return Err(e);
-                    }
+                    // Counted and drained on the last attempt too (a call tried once
+                    // inside `at_most` is throttled like any other).
                     if e.is_throttle() {
                         self.stats.lock().unwrap().throttled += 1;
                         // EC2 says the account is over budget: stop spending this family.
                         self.drain(fam);
+                    }
+                    let max = ATTEMPTS.try_with(|n| *n).unwrap_or(self.cfg.max_attempts);
+                    if !e.is_transient() || attempt >= max {
+                        return Err(e);
                     }
                     let exp = self
                         .cfg
