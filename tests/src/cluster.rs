@@ -836,11 +836,55 @@ imageGCHighThresholdPercent: 100
             what,
             &format!("--timeout={}s", within.as_secs()),
         ]);
-        assert!(
-            ok,
-            "{what} did not roll out: {out}\n{}",
-            self.kubectl(&["get", "pods", "-A", "-o", "wide"]).1
+        if ok {
+            return;
+        }
+        // What a stuck rollout needs read: the pods, why the first not-Running ones are
+        // where they are (the scheduler's reason is in their events), the nodes (taints,
+        // conditions, allocatable), and the last lines of the scheduler, the controller
+        // manager and each kubelet.
+        let mut msg = format!("{what} did not roll out: {out}\n");
+        msg.push_str(&self.kubectl(&["get", "pods", "-A", "-o", "wide"]).1);
+        let (_, stuck) = self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "--field-selector=status.phase!=Running",
+            "-o",
+            "name",
+        ]);
+        for p in stuck.lines().take(3) {
+            msg.push_str(&self.kubectl(&["describe", "-n", ns, p]).1);
+        }
+        msg.push_str(&self.kubectl(&["describe", "nodes"]).1);
+        msg.push_str(
+            &self
+                .kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"])
+                .1,
         );
+        let tail = |name: &str, log: String| {
+            let lines: Vec<&str> = log.lines().rev().take(40).collect();
+            let mut t = format!("\n--- {name} (last lines)\n");
+            for l in lines.into_iter().rev() {
+                t.push_str(l);
+                t.push('\n');
+            }
+            t
+        };
+        for (name, child) in &self.control {
+            // Still running? (A zombie or a missing /proc entry says it is not.)
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+                .unwrap_or_else(|_| "gone".into());
+            msg.push_str(&format!("\n{name} pid {}: {stat}", child.id()));
+        }
+        for c in ["kube-scheduler", "kube-controller-manager"] {
+            msg.push_str(&tail(c, self.control_log(c)));
+        }
+        for n in &self.nodes {
+            msg.push_str(&tail(&format!("{} kubelet", n.name), n.kubelet_log()));
+        }
+        panic!("{msg}");
     }
 
     /// `kubectl wait` for the pods' Ready condition; on a timeout, what they and their
