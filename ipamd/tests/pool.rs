@@ -291,7 +291,13 @@ async fn a_leaked_eni_is_swept_() {
         .network_interface_id()
         .unwrap()
         .to_string();
-    let d = Ipamd::start(&emu, &[]);
+    // The ipamd that crashed ran here before: its checkpoint is on disk when the next
+    // one starts (a fresh node's first sweep waits the sweep interval; this one's, the
+    // minimum age, 0 here).
+    let mut d = Ipamd::start(&emu, &[]);
+    drop(d.client().await);
+    d.kill9();
+    d.spawn();
     let _c = d.client().await;
     let exists = async |eni: &str| {
         ec2.describe_network_interfaces()

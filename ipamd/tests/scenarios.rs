@@ -165,9 +165,10 @@ fn a_fresh_node_with_ip_targets_spends_five_calls() {
 }
 
 #[test]
-fn twenty_five_pods_up_and_down_three_times_spend_about_half_of_upstreams_calls() {
-    // 8 for the pods, and at 5 min the periodic EC2 check and the first leaked-ENI sweep.
-    check("one-node-churn", 10, true);
+fn twenty_five_pods_up_and_down_three_times_spend_at_most_half_of_upstreams_calls() {
+    // 8 for the pods, and at 5 min the periodic EC2 check (a fresh node has nothing
+    // leaked to sweep: its first sweep is an hour after start).
+    check("one-node-churn", 9, true);
 }
 
 #[test]
@@ -179,5 +180,5 @@ fn the_same_churn_with_ip_targets_spends_at_most_half_of_upstreams_calls() {
 #[test]
 fn an_idle_node_describes_less_than_once_per_two_minutes() {
     // 10 minutes: upstream describes 5 times.
-    check("one-node-idle", 4, true);
+    check("one-node-idle", 3, true);
 }

@@ -58,6 +58,8 @@ impl Node {
             Err(e) => {
                 self.metrics.error("decreaseIPPoolFreeENIFailed");
                 warn!("freeing {} failed, keeping it: {e}", eni.id);
+                // A failure after the detach leaves it unattached.
+                self.note_possible_leak();
                 let mut s = self.store.lock().unwrap();
                 s.add_eni(eni);
                 false
@@ -183,7 +185,14 @@ impl Node {
                         secondary_ips: secondary,
                         prefixes,
                     })
-                    .await?;
+                    .await
+                    .inspect_err(|e| {
+                        // An answer lost (nothing answered, EC2 failed inside): EC2 may
+                        // have created it all the same.
+                        if e.is_transient() && !e.is_throttle() {
+                            self.note_possible_leak();
+                        }
+                    })?;
                 (created, subnet.cidr)
             }
         };
@@ -200,12 +209,15 @@ impl Node {
                     "attaching {} failed ({e}): kept for the next attempt",
                     created.id
                 );
+                // If no next attempt comes (the pool stops being short), the sweep.
+                self.note_possible_leak();
                 self.pool.lock().unwrap().created_unattached = Some((created, subnet_cidr));
                 return Err(e);
             }
             Err(e) => {
                 // Never leave a created ENI behind.
                 if let Err(d) = self.ec2.delete_eni(&created.id).await {
+                    self.note_possible_leak();
                     warn!(
                         "could not delete {} after a failed attach (the sweep will): {d}",
                         created.id

@@ -22,8 +22,11 @@ pub(super) struct ReconcileState {
     pub(super) last_reconcile: Option<Instant>,
     /// The last pass that asked EC2 (DescribeNetworkInterfaces).
     pub(super) last_ec2_reconcile: Option<Instant>,
-    /// When the leaked-ENI sweep is due next (set at the first pass: the minimum age
-    /// from start, as no ENI younger than that is swept anyway).
+    /// When the leaked-ENI sweep is due next. An ENI tagged with this instance is left
+    /// unattached only by an ipamd that ran here before (a checkpoint on disk, ENIs or
+    /// addresses IMDS shows at start) or by this one (a create whose answer was lost, a
+    /// delete that failed): then the minimum age after that; else, on a fresh node, the
+    /// sweep interval from the first pass (`note_possible_leak`).
     pub(super) next_sweep: Option<Instant>,
     /// What the datastore held that EC2's last describe did not show: removed only when
     /// two describes in a row agree (describes can lag behind a change).
@@ -112,6 +115,10 @@ impl Node {
             && self.imds.enis().await.is_ok_and(|e| {
                 e.len() == 1 && e[0].secondary_ips.is_empty() && e[0].prefixes.is_empty()
             });
+        if !imds_fresh {
+            // An earlier ipamd attached ENIs or addresses here: it may have left an ENI.
+            self.note_possible_leak();
+        }
         if imds_fresh {
             debug!("reconcile at start: a fresh node, EC2 not asked");
             self.reconciler.lock().unwrap().last_ec2_reconcile = Some(Instant::now());
@@ -453,11 +460,12 @@ impl Node {
         let (reconcile, sweep) = {
             let mut rt = self.reconciler.lock().unwrap();
             let now = Instant::now();
-            // The first sweep once an ENI leaked before this start is old enough to be
-            // swept (none younger is): not at start, beside the start's other calls.
+            // Nothing said an ENI may have leaked (`note_possible_leak`): the first sweep
+            // a sweep interval after start (the hourly one catches what no sign showed,
+            // e.g. a crash before attach followed by a reboot that emptied /var/run).
             let next = *rt
                 .next_sweep
-                .get_or_insert_with(|| now + self.timing.leaked_min_age);
+                .get_or_insert_with(|| now + self.timing.leaked_sweep_interval);
             (
                 rt.last_reconcile
                     .is_none_or(|t| t.elapsed() >= self.timing.reconcile_interval),
@@ -472,6 +480,15 @@ impl Node {
                 Some(Instant::now() + self.timing.leaked_sweep_interval);
             self.sweep_leaked_enis().await;
         }
+    }
+
+    /// An ENI of this instance may be left unattached (an earlier ipamd ran here, or a
+    /// create's answer was lost, or a delete failed): the sweep runs once such an ENI is
+    /// old enough to be swept, if not due sooner.
+    pub(super) fn note_possible_leak(&self) {
+        let at = Instant::now() + self.timing.leaked_min_age;
+        let mut rt = self.reconciler.lock().unwrap();
+        rt.next_sweep = Some(rt.next_sweep.map_or(at, |n| n.min(at)));
     }
 
     /// Deletes ENIs this instance created that are left unattached (a crash between
@@ -510,6 +527,16 @@ impl Node {
                 match self.ec2.delete_eni(&e.id).await {
                     Ok(()) => {
                         info!("deleted leaked ENI {}", e.id);
+                        // One kept for an attach the pool never needed again.
+                        let mut pool = self.pool.lock().unwrap();
+                        if pool
+                            .created_unattached
+                            .as_ref()
+                            .is_some_and(|(c, _)| c.id == e.id)
+                        {
+                            pool.created_unattached = None;
+                        }
+                        drop(pool);
                         self.metrics
                             .leaked_enis_deleted
                             .fetch_add(1, Ordering::Relaxed);
@@ -532,6 +559,51 @@ mod tests {
     use crate::datastore::{PodRef, SandboxKey};
     use crate::node::fakes::{FakeImds, LiveHost, NoEc2};
     use crate::node::{AddOutcome, Timing};
+
+    /// Issue 19: a fresh node's first leaked-ENI sweep waits the sweep interval (nothing
+    /// of this instance can have leaked); a restart (a checkpoint on disk) or a sign of a
+    /// leak in this run brings it to the minimum age.
+    #[tokio::test]
+    async fn the_first_sweep_waits_for_a_sign_of_a_leak() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::from_env(|_| None).unwrap();
+        cfg.backing_store = dir.path().join("ipam.json").display().to_string();
+        let timing = Timing::default();
+        let start = || {
+            Node::start(
+                cfg.clone(),
+                Arc::new(NoEc2),
+                Arc::new(FakeImds),
+                LiveHost::with(vec![]),
+                timing.clone(),
+            )
+        };
+        let next = |n: &Node| {
+            let at = n.reconciler.lock().unwrap().next_sweep.unwrap();
+            at.duration_since(Instant::now()).as_secs_f64()
+        };
+        let about = |got: f64, want: Duration| (got - want.as_secs_f64()).abs() < 2.0;
+        let node = start().await.unwrap();
+        node.housekeeping().await;
+        let n = next(&node);
+        assert!(about(n, timing.leaked_sweep_interval), "a fresh node: {n}");
+        node.note_possible_leak();
+        let n = next(&node);
+        assert!(about(n, timing.leaked_min_age), "a sign of a leak: {n}");
+        drop(node);
+        // An ipamd ran here before: what it may have left is swept at the minimum age.
+        let node = start().await.unwrap();
+        node.housekeeping().await;
+        let first = next(&node);
+        assert!(
+            about(first, timing.leaked_min_age),
+            "after a restart: {first}"
+        );
+        // A sweep that is due sooner is not put off.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        node.note_possible_leak();
+        assert!(next(&node) <= first);
+    }
 
     #[tokio::test]
     async fn a_free_address_a_pod_route_points_at_is_kept_for_that_pod() {

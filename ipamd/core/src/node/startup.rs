@@ -72,6 +72,9 @@ impl Node {
     ) -> Result<Arc<Node>, StartError> {
         let mut store = Datastore::new(cfg.ip_cooldown);
         let path = PathBuf::from(&cfg.backing_store);
+        // A checkpoint on disk: an ipamd ran here before, and may have left an ENI
+        // unattached (a crash between create and attach, or detach and delete).
+        let mut ran_before = true;
         match checkpoint::load(&path) {
             Ok(l) => {
                 info!(
@@ -96,6 +99,7 @@ impl Node {
                 }
             }
             Err(LoadError::Missing(_)) => {
+                ran_before = false;
                 info!(
                     "no checkpoint at {}: the assignments are taken from the host's pod routes",
                     path.display()
@@ -147,7 +151,7 @@ impl Node {
             .durable()
             .await
             .map_err(|e| StartError::Checkpoint(format!("cannot write {}: {e}", path.display())))?;
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             vpc_cidrs: RwLock::new(vec![]),
             identity: OnceLock::new(),
             imds,
@@ -169,7 +173,11 @@ impl Node {
             timing,
             checkpoint_path: path,
             metrics: Metrics::default(),
-        }))
+        });
+        if ran_before {
+            node.note_possible_leak();
+        }
+        Ok(node)
     }
 
     /// Reads the instance and its ENIs from IMDS (no EC2) and makes their addresses
