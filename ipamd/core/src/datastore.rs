@@ -131,9 +131,26 @@ impl FreeList {
     }
 }
 
+/// Which ENIs give addresses to new pods (custom networking: not the primary ENI, and
+/// only ENIs of the subnet the node's ENIConfig names). An ENI outside the rule keeps its
+/// pods; its free addresses are neither handed out nor counted for the pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Serving {
+    pub skip_primary: bool,
+    pub only_subnet: Option<String>,
+}
+
+impl Serving {
+    pub fn serves(&self, e: &Eni) -> bool {
+        !(self.skip_primary && e.is_primary)
+            && self.only_subnet.as_ref().is_none_or(|s| *s == e.subnet_id)
+    }
+}
+
 #[derive(Debug)]
 pub struct Datastore {
     enis: BTreeMap<EniId, Eni>,
+    serving: Serving,
     addrs: HashMap<Ipv4Addr, (EniId, Slot)>,
     by_key: HashMap<SandboxKey, Ipv4Addr>,
     /// Free addresses per ENI, lowest device number first: pods fill the primary ENI
@@ -153,6 +170,7 @@ impl Datastore {
     pub fn new(cooldown: Duration) -> Self {
         Datastore {
             enis: BTreeMap::new(),
+            serving: Serving::default(),
             addrs: HashMap::new(),
             by_key: HashMap::new(),
             free: BTreeMap::new(),
@@ -204,7 +222,13 @@ impl Datastore {
     }
 
     fn free_pop(&mut self) -> Option<Ipv4Addr> {
-        let ip = self.free.values_mut().find(|l| l.len() > 0)?.pop()?;
+        let (enis, serving) = (&self.enis, &self.serving);
+        let ip = self
+            .free
+            .iter_mut()
+            .find(|((_, id), l)| l.len() > 0 && enis.get(id).is_some_and(|e| serving.serves(e)))?
+            .1
+            .pop()?;
         self.free_count -= 1;
         Some(ip)
     }
@@ -614,14 +638,39 @@ impl Datastore {
         v
     }
 
-    /// (total, assigned, cooldown, assignable now) over addresses held for pods.
+    /// Sets which ENIs serve new pods.
+    pub fn set_serving(&mut self, serving: Serving) {
+        self.serving = serving;
+    }
+
+    pub fn serving(&self) -> &Serving {
+        &self.serving
+    }
+
+    /// Whether the ENI gives addresses to new pods.
+    pub fn serves(&self, e: &Eni) -> bool {
+        self.serving.serves(e)
+    }
+
+    /// Free addresses on ENIs that serve no new pod.
+    fn closed_free(&self) -> usize {
+        self.free
+            .iter()
+            .filter(|((_, id), _)| self.enis.get(id).is_none_or(|e| !self.serving.serves(e)))
+            .map(|(_, l)| l.len())
+            .sum()
+    }
+
+    /// (total, assigned, cooldown, assignable now) over addresses held for pods; the
+    /// free addresses of ENIs that serve no new pod are not counted.
     pub fn counts(&mut self, now_ns: u64) -> (u32, u32, u32, u32) {
         self.promote_cooled(now_ns);
+        let closed = self.closed_free();
         (
-            self.addrs.len() as u32,
+            (self.addrs.len() - closed) as u32,
             self.by_key.len() as u32,
             self.in_cooldown,
-            self.free_count as u32,
+            (self.free_count - closed) as u32,
         )
     }
 
@@ -691,12 +740,21 @@ impl Datastore {
     /// An ENI that may be freed: not primary, seen at least `min_age` ago, and none of
     /// its addresses assigned or cooling down.
     pub fn freeable_eni(&self, min_age: Duration, now: Instant) -> Option<EniId> {
+        self.freeable(|e| now.duration_since(e.first_seen) >= min_age)
+    }
+
+    /// An ENI outside the serving rule with none of its addresses in use.
+    pub fn freeable_drained_eni(&self) -> Option<EniId> {
+        self.freeable(|e| !self.serving.serves(e))
+    }
+
+    fn freeable(&self, also: impl Fn(&Eni) -> bool) -> Option<EniId> {
         self.enis
             .values()
             .rev()
             .find(|e| {
                 !e.is_primary
-                    && now.duration_since(e.first_seen) >= min_age
+                    && also(e)
                     && e.ips
                         .iter()
                         .copied()
@@ -827,6 +885,43 @@ mod tests {
         );
         d.remove_eni("eni-1").unwrap();
         assert_eq!(d.counts(31 * S).0, 0);
+    }
+
+    #[test]
+    fn enis_outside_the_serving_rule_keep_their_pods_and_serve_no_new_one() {
+        let mut d = Datastore::new(Duration::ZERO);
+        d.add_eni(eni("eni-0", 0, &["10.0.0.1", "10.0.0.2"]));
+        let (old, _) = d.assign(&key("old"), &PodRef::default(), 0).unwrap();
+        let mut other = eni("eni-1", 1, &["100.64.0.5", "100.64.0.6"]);
+        other.subnet_id = "subnet-pods".into();
+        d.add_eni(other);
+        // Custom networking: not the primary ENI; the ENIConfig names subnet-pods.
+        d.set_serving(Serving {
+            skip_primary: true,
+            only_subnet: Some("subnet-pods".into()),
+        });
+        // eni-0's pod stays; its free address is neither served nor counted.
+        assert_eq!(d.counts(0), (3, 1, 0, 2));
+        for c in ["a", "b"] {
+            let (a, _) = d.assign(&key(c), &PodRef::default(), 0).unwrap();
+            assert_eq!(a.eni, "eni-1", "{a:?}");
+        }
+        assert_eq!(
+            d.assign(&key("c"), &PodRef::default(), 0).unwrap_err(),
+            StoreError::NoFreeAddress,
+            "10.0.0.2 on the primary ENI is not a pod's"
+        );
+        assert_eq!(d.get(&key("old")).unwrap().ip, old.ip);
+        // The config moves on: eni-1 drains, the primary's free address still is not served.
+        d.set_serving(Serving {
+            skip_primary: true,
+            only_subnet: Some("subnet-new".into()),
+        });
+        d.release(&key("a"), 0);
+        assert_eq!(d.counts(1), (2, 2, 0, 0));
+        // Back to the default: everything serves.
+        d.set_serving(Serving::default());
+        assert_eq!(d.counts(1), (4, 2, 0, 2));
     }
 
     #[test]

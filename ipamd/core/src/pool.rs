@@ -76,6 +76,10 @@ pub struct Policy {
     pub limits: Limits,
     /// MAX_ENI, or the instance limit.
     pub max_enis: u32,
+    /// Custom networking: the primary ENI gives no address to pods.
+    pub primary_serves: bool,
+    /// The node's own pod capacity (kubelet's `status.capacity.pods`), when known.
+    pub max_pods_cap: Option<u32>,
 }
 
 /// The next step for the pool.
@@ -99,6 +103,18 @@ pub enum Decision {
 }
 
 impl Policy {
+    /// Addresses this node may hold for pods: upstream's max-pods (with custom networking
+    /// the primary ENI's addresses are not counted), capped by kubelet's own max-pods.
+    pub fn max_pods(&self) -> u32 {
+        let enis = if self.primary_serves {
+            self.limits.max_enis
+        } else {
+            self.limits.max_enis.saturating_sub(1)
+        };
+        let formula = enis * self.limits.slots_per_eni() + 2;
+        self.max_pods_cap.map_or(formula, |c| formula.min(c))
+    }
+
     /// Addresses per allocation unit: 1 for IPs, 16 for a /28.
     fn unit(&self) -> u32 {
         match self.mode {
@@ -163,7 +179,7 @@ impl Policy {
     }
 
     pub fn decide(&self, s: &PoolState) -> Decision {
-        let max_pods = self.limits.max_pods();
+        let max_pods = self.max_pods();
         let short = self.shortfall(s);
         if short > 0 {
             // Never hold more than max-pods addresses for pods.
@@ -300,7 +316,31 @@ mod tests {
             mode,
             limits,
             max_enis: max_eni.unwrap_or(limits.max_enis).min(limits.max_enis),
+            primary_serves: true,
+            max_pods_cap: None,
         }
+    }
+
+    #[test]
+    fn max_pods_without_the_primary_eni_and_under_kubelets_cap() {
+        let mut p = policy(M5_LARGE, Mode::Eni { warm_eni: 1 }, None);
+        assert_eq!(p.max_pods(), 29);
+        // Custom networking, upstream's formula: (3 - 1) * (10 - 1) + 2.
+        p.primary_serves = false;
+        assert_eq!(p.max_pods(), 20);
+        // kubelet's --max-pods lower still: the pool holds no more than that.
+        p.max_pods_cap = Some(11);
+        assert_eq!(p.max_pods(), 11);
+        let full = PoolState {
+            enis: 2,
+            total: 11,
+            assigned: 11,
+            free_slots: 7,
+            ..Default::default()
+        };
+        assert_eq!(p.decide(&full), Decision::AtCapacity);
+        p.max_pods_cap = Some(500);
+        assert_eq!(p.max_pods(), 20, "a cap above the formula changes nothing");
     }
 
     #[test]
