@@ -9,7 +9,9 @@ Patched in-process (moto's models are plain Python objects):
   Ipv4Prefixes) with InsufficientCidrBlocks on a fragmented subnet;
 - a busy device index, deleting an attached ENI and detaching device 0 are refused;
 - DeleteOnTermination is honoured (ModifyNetworkInterfaceAttribute and TerminateInstances);
-- optionally, detaching takes time (status "detaching") as it does on EC2.
+- optionally, detaching takes time (status "detaching") as it does on EC2;
+- each ENI has its own security groups (moto shows an attached ENI with its instance's
+  groups added, which EC2 never does: custom networking puts pod ENIs in other groups).
 """
 
 import threading
@@ -17,7 +19,7 @@ import time
 
 from moto.core.responses import ActionResult, EmptyResult
 from moto.ec2.exceptions import EC2ClientError
-from moto.ec2.models.elastic_network_interfaces import NetworkInterfaceBackend
+from moto.ec2.models.elastic_network_interfaces import NetworkInterface, NetworkInterfaceBackend
 from moto.ec2.models.instance_types import INSTANCE_TYPES
 from moto.ec2.models.instances import Instance
 from moto.ec2.models.subnets import Subnet
@@ -425,7 +427,15 @@ def resp_modify_network_interface_attribute(self):
     return _orig_resp_modify(self)
 
 
+def _eni_group_set(self):
+    # The primary ENI's groups are the instance's; any other ENI has only its own.
+    if self.instance is not None and getattr(self, "device_index", None) == 0 and not self._group_set:
+        return list(self.instance.security_groups)
+    return self._group_set
+
+
 def install():
+    NetworkInterface.group_set = property(_eni_group_set)
     NetworkInterfaceBackend.create_network_interface = create_network_interface
     NetworkInterfaceBackend.delete_network_interface = delete
     NetworkInterfaceBackend.attach_network_interface = attach

@@ -1,6 +1,8 @@
 """Seed the emulator: a VPC, a large subnet tagged for CNI subnet discovery, a deliberately
 small one, a security group and N running instances; points IMDS at the first instance.
-Prints the instance ids, one per line (everything else goes to stderr)."""
+For custom networking, optionally a secondary VPC CIDR block with pod subnets (named
+pods-<n>) and a security group named pods. Prints the instance ids, one per line
+(everything else goes to stderr)."""
 
 import argparse
 import json
@@ -19,6 +21,14 @@ def main(argv=None):
     ap.add_argument("--vpc-cidr", default="10.0.0.0/16")
     ap.add_argument("--subnet-cidr", default="10.0.0.0/20")
     ap.add_argument("--small-subnet-cidr", default="10.0.16.0/27")
+    ap.add_argument("--pod-vpc-cidr", help="a secondary CIDR block of the VPC (custom networking), e.g. 100.64.0.0/16")
+    ap.add_argument(
+        "--pod-subnet",
+        action="append",
+        default=[],
+        metavar="CIDR[@AZ]",
+        help="a subnet for pods in the secondary block (repeatable; AZ defaults to the nodes')",
+    )
     ap.add_argument("--imds-delay", type=float, default=0.0, help="IMDS lags EC2 by this many seconds")
     a = ap.parse_args(argv)
     if a.count < 1:
@@ -46,6 +56,18 @@ def main(argv=None):
         VpcId=vpc, CidrBlock=a.small_subnet_cidr, AvailabilityZone=az, TagSpecifications=tag("subnet", "small")
     )["Subnet"]["SubnetId"]
     sg = ec2.create_security_group(GroupName="nodes", Description="nodes", VpcId=vpc)["GroupId"]
+    if a.pod_subnet and not a.pod_vpc_cidr:
+        ap.error("--pod-subnet needs --pod-vpc-cidr")
+    if a.pod_vpc_cidr:
+        ec2.associate_vpc_cidr_block(VpcId=vpc, CidrBlock=a.pod_vpc_cidr)
+        pods_sg = ec2.create_security_group(GroupName="pods", Description="pods", VpcId=vpc)["GroupId"]
+        print(f"secondary VPC block {a.pod_vpc_cidr}, security group pods {pods_sg}", file=sys.stderr)
+        for n, spec in enumerate(a.pod_subnet):
+            cidr, _, pod_az = spec.partition("@")
+            sid = ec2.create_subnet(
+                VpcId=vpc, CidrBlock=cidr, AvailabilityZone=pod_az or az, TagSpecifications=tag("subnet", f"pods-{n}")
+            )["Subnet"]["SubnetId"]
+            print(f"pod subnet pods-{n} {sid} ({cidr}, {pod_az or az})", file=sys.stderr)
     images = ec2.describe_images(Owners=["amazon"])["Images"]
     image = images[0]["ImageId"] if images else "ami-12c6146b"
     res = ec2.run_instances(

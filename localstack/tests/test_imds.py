@@ -114,3 +114,26 @@ def test_instance_profile_credentials(node, emulator):
     status, body = emulator.imds(f"/latest/meta-data/iam/security-credentials/{role.strip()}")
     c = json.loads(body)
     assert c["Code"] == "Success" and c["AccessKeyId"] and c["Token"]
+
+
+def test_custom_networking_secondary_block_and_own_security_groups(node, emulator):
+    """A pod subnet in a secondary VPC block; an ENI there keeps only its own groups
+    (moto would add the instance's), in EC2 and in IMDS; IMDS lists both blocks."""
+    vpc, _, inst = node
+    ec2 = vpc.ec2
+    ec2.associate_vpc_cidr_block(VpcId=vpc.id, CidrBlock="100.64.0.0/16")
+    pods = ec2.create_subnet(VpcId=vpc.id, CidrBlock="100.64.0.0/20", AvailabilityZone=vpc.az)["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName=f"pods-{vpc.id}", Description="pods", VpcId=vpc.id)["GroupId"]
+    eni = vpc.eni(pods, Groups=[sg], SecondaryPrivateIpAddressCount=2)
+    assert eni["PrivateIpAddress"].startswith("100.64.")
+    ec2.attach_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=1)
+    (got,) = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni["NetworkInterfaceId"]])["NetworkInterfaces"]
+    assert [g["GroupId"] for g in got["Groups"]] == [sg]
+    primary = inst["NetworkInterfaces"][0]
+    (p,) = ec2.describe_network_interfaces(NetworkInterfaceIds=[primary["NetworkInterfaceId"]])["NetworkInterfaces"]
+    assert sg not in [g["GroupId"] for g in p["Groups"]] and p["Groups"]
+    mac = got["MacAddress"]
+    status, groups = emulator.imds(f"/latest/meta-data/network/interfaces/macs/{mac}/security-group-ids")
+    assert (status, groups.split()) == (200, [sg])
+    status, blocks = emulator.imds(f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-ipv4-cidr-blocks")
+    assert status == 200 and "100.64.0.0/16" in blocks.split(), blocks
