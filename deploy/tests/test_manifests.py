@@ -165,8 +165,12 @@ def test_rbac_is_least_privilege_and_follows_the_code(node):
         assert sa["automountServiceAccountToken"] is False
         assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     else:
-        # ipamd watches its own node (ipamd/src/kube.rs): list + watch on nodes, no more.
-        assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+        # ipamd watches its own node (cordons, kubelet's capacity) and, with custom
+        # networking, ENIConfigs (ipamd/src/kube.rs): list + watch on those, no more.
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+            {"apiGroups": ["crd.k8s.amazonaws.com"], "resources": ["eniconfigs"], "verbs": ["list", "watch"]},
+        ]
         assert sa["automountServiceAccountToken"] is True
         assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
         env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -230,6 +230,40 @@ impl Ec2 for SdkEc2 {
         Ok(subnets)
     }
 
+    async fn describe_subnet(&self, id: &str) -> CloudResult<SubnetInfo> {
+        let r = self
+            .client
+            .describe_subnets()
+            .subnet_ids(id)
+            .send()
+            .await
+            .map_err(|e| err("DescribeSubnets", e))?;
+        let s = r
+            .subnets()
+            .iter()
+            .find(|s| s.subnet_id() == Some(id))
+            .and_then(|s| {
+                Some(SubnetInfo {
+                    id: s.subnet_id()?.to_string(),
+                    cidr: parse_cidr(s.cidr_block()?)?,
+                    availability_zone: s.availability_zone().unwrap_or_default().to_string(),
+                    available_addresses: s.available_ip_address_count().unwrap_or(0).max(0) as u32,
+                })
+            })
+            .ok_or_else(|| {
+                CloudError::new(
+                    "DescribeSubnets",
+                    "InvalidSubnetID.NotFound",
+                    format!("no subnet {id} in the answer"),
+                )
+            })?;
+        self.subnet_cidrs
+            .lock()
+            .unwrap()
+            .insert(s.id.clone(), s.cidr);
+        Ok(s)
+    }
+
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
         let tags: Vec<Tag> = req
             .tags
@@ -479,6 +513,9 @@ impl Ec2 for LateEc2 {
     }
     async fn cni_subnets(&self, vpc: &str) -> CloudResult<Vec<SubnetInfo>> {
         self.get()?.cni_subnets(vpc).await
+    }
+    async fn describe_subnet(&self, id: &str) -> CloudResult<SubnetInfo> {
+        self.get()?.describe_subnet(id).await
     }
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
         self.get()?.create_eni(req).await

@@ -1,19 +1,29 @@
-//! What ipamd reads from the Kubernetes API: whether its own node is cordoned, for
-//! AWS_MANAGE_ENIS_NON_SCHEDULABLE (upstream GETs the node on every pool pass; one watch on
-//! the single node does the same with no polling). Nothing else: the ClusterRole grants
-//! `list` and `watch` on nodes and no more.
+//! What ipamd reads from the Kubernetes API, through one watch on its own node and, with
+//! custom networking, one on ENIConfigs:
+//! - whether the node is cordoned, for AWS_MANAGE_ENIS_NON_SCHEDULABLE=false (upstream GETs
+//!   the node on every pool pass; the watch does the same with no polling);
+//! - kubelet's pod capacity (`status.capacity.pods`): the pool holds no more addresses;
+//! - with AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true, the node's ENIConfig: named by the label
+//!   `vpc.amazonaws.com/externalEniConfig`, else the annotation ENI_CONFIG_ANNOTATION_DEF,
+//!   else the label ENI_CONFIG_LABEL_DEF, else `default` (upstream's order; an empty value
+//!   counts as none here), and its `spec.subnet` / `spec.securityGroups`.
+//!
+//! The ClusterRole grants `list` and `watch` on nodes and on eniconfigs, no more.
 //!
 //! The API is used only when one is configured (in a pod: `KUBERNETES_SERVICE_HOST`; or
-//! `KUBECONFIG`) and the knob is false. When it cannot be reached, ipamd goes on serving and
-//! after `Timing::schedule_wait` manages ENIs as on a schedulable node, as upstream does when
-//! its GET fails; a cordon once seen holds until the API says otherwise.
+//! `KUBECONFIG`); custom networking refuses to start without one. When it cannot be
+//! reached, ipamd goes on serving: after `Timing::schedule_wait` it manages ENIs as on a
+//! schedulable node, as upstream does when its GET fails; a cordon once seen holds, and so
+//! does an ENIConfig once read, until the API says otherwise.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use ipamd_core::config::Config;
-use ipamd_core::node::{Node, Schedule};
+use ipamd_core::node::{EniConfig, EniConfigState, Node, Schedule};
 use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -21,14 +31,20 @@ use tracing::{info, warn};
 
 /// The taint the node controller puts on a cordoned node (what upstream matches).
 pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+/// The label that, when set, names the node's ENIConfig before anything else (upstream).
+pub const EXTERNAL_ENI_CONFIG_LABEL: &str = "vpc.amazonaws.com/externalEniConfig";
+/// The ENIConfig of a node that names none.
+pub const DEFAULT_ENI_CONFIG: &str = "default";
 
-/// Whether the node's schedulability is to be watched, and through which API.
+/// Whether the node is to be watched, and through which API.
 pub enum Plan {
     /// Not read, and why.
     Off(&'static str),
     Watch {
         client: Client,
         node: String,
+        /// Follow cordons (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false).
+        cordon: bool,
     },
 }
 
@@ -38,16 +54,23 @@ pub fn check(
     cfg: &Config,
     get: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<&'static str>, String> {
-    if cfg.manage_enis_non_schedulable {
-        return Ok(Some("AWS_MANAGE_ENIS_NON_SCHEDULABLE=true"));
-    }
     let configured = |k: &str| get(k).is_some_and(|v| !v.is_empty());
-    if !configured("KUBERNETES_SERVICE_HOST") && !configured("KUBECONFIG") {
+    let api = configured("KUBERNETES_SERVICE_HOST") || configured("KUBECONFIG");
+    if cfg.custom_network_cfg && !api {
+        return Err("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=\"true\" is invalid without the Kubernetes API: the node's ENIConfig is read from it (in a pod KUBERNETES_SERVICE_HOST is set; elsewhere set KUBECONFIG)".into());
+    }
+    if !api {
         return Ok(Some(
             "no Kubernetes API configured (neither KUBERNETES_SERVICE_HOST nor KUBECONFIG)",
         ));
     }
     if cfg.node_name.is_empty() {
+        if cfg.custom_network_cfg {
+            return Err("MY_NODE_NAME=\"\" is invalid: the name of this node (the DaemonSet sets it from spec.nodeName), needed to read its ENIConfig (AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true)".into());
+        }
+        if cfg.manage_enis_non_schedulable {
+            return Ok(Some("AWS_MANAGE_ENIS_NON_SCHEDULABLE=true"));
+        }
         return Err("MY_NODE_NAME=\"\" is invalid: the name of this node (the DaemonSet sets it from spec.nodeName), needed to read whether it is cordoned; or set AWS_MANAGE_ENIS_NON_SCHEDULABLE=true".into());
     }
     Ok(None)
@@ -66,6 +89,7 @@ pub async fn plan(cfg: &Config, get: impl Fn(&str) -> Option<String>) -> Result<
     Ok(Plan::Watch {
         client,
         node: cfg.node_name.clone(),
+        cordon: !cfg.manage_enis_non_schedulable,
     })
 }
 
@@ -91,41 +115,233 @@ fn schedule_of(n: &KubeNode) -> Schedule {
     }
 }
 
-/// Follows the node until the task is dropped; reconnects with backoff.
-pub async fn watch(node: Arc<Node>, client: Client, name: String) {
-    // The caller has set Schedule::Pending before the pool started.
-    info!("watching node {name} for cordons");
-    let api: Api<KubeNode> = Api::all(client);
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
+/// kubelet's `status.capacity.pods`.
+pub fn capacity_pods(n: &KubeNode) -> Option<u32> {
+    let q = n.status.as_ref()?.capacity.as_ref()?.get("pods")?;
+    q.0.trim().parse().ok().filter(|n| *n > 0)
+}
+
+/// The name of the node's ENIConfig, in upstream's order (empty values skipped).
+pub fn eni_config_name(n: &KubeNode, annotation: &str, label: &str) -> String {
+    let labels = n.metadata.labels.as_ref();
+    let annotations = n.metadata.annotations.as_ref();
+    let nonempty = |v: Option<&String>| v.filter(|v| !v.trim().is_empty()).cloned();
+    nonempty(labels.and_then(|l| l.get(EXTERNAL_ENI_CONFIG_LABEL)))
+        .or_else(|| nonempty(annotations.and_then(|a| a.get(annotation))))
+        .or_else(|| nonempty(labels.and_then(|l| l.get(label))))
+        .unwrap_or_else(|| DEFAULT_ENI_CONFIG.to_string())
+}
+
+/// An ENIConfig object as the API holds it; an error says what is wrong with its spec.
+pub fn parse_eni_config(o: &DynamicObject) -> Result<EniConfig, String> {
+    let name = o.metadata.name.clone().unwrap_or_default();
+    let spec = &o.data["spec"];
+    let subnet = spec["subnet"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if subnet.is_empty() {
+        return Err("its spec.subnet is empty".into());
+    }
+    if !subnet.starts_with("subnet-") {
+        return Err(format!(
+            "its spec.subnet {subnet:?} is not a subnet id (subnet-...)"
+        ));
+    }
+    let security_groups = match &spec["securityGroups"] {
+        serde_json::Value::Null => vec![],
+        serde_json::Value::Array(a) => {
+            let mut v = Vec::new();
+            for g in a {
+                match g.as_str().map(str::trim) {
+                    Some(g) if g.starts_with("sg-") => v.push(g.to_string()),
+                    _ => {
+                        return Err(format!(
+                            "its spec.securityGroups holds {g}, not a security group id (sg-...)"
+                        ));
+                    }
+                }
+            }
+            v
+        }
+        other => return Err(format!("its spec.securityGroups is {other}, not a list")),
+    };
+    Ok(EniConfig {
+        name,
+        subnet,
+        security_groups,
+    })
+}
+
+fn eni_config_resource() -> ApiResource {
+    ApiResource {
+        group: "crd.k8s.amazonaws.com".into(),
+        version: "v1alpha1".into(),
+        api_version: "crd.k8s.amazonaws.com/v1alpha1".into(),
+        kind: "ENIConfig".into(),
+        plural: "eniconfigs".into(),
+    }
+}
+
+/// What the ENIConfig watch has seen: every object by name (or why it is unusable).
+#[derive(Default)]
+struct EniConfigs {
+    listed: bool,
+    /// Why listing failed, while no list has succeeded.
+    error: Option<String>,
+    all: BTreeMap<String, Result<EniConfig, String>>,
+    init: BTreeMap<String, Result<EniConfig, String>>,
+}
+
+impl EniConfigs {
+    fn state_for(&self, name: &str) -> EniConfigState {
+        if !self.listed {
+            return match &self.error {
+                Some(e) => EniConfigState::Missing {
+                    name: name.into(),
+                    why: format!("ENIConfigs cannot be listed: {e}"),
+                },
+                None => EniConfigState::Pending,
+            };
+        }
+        match self.all.get(name) {
+            Some(Ok(c)) => EniConfigState::Found(c.clone()),
+            Some(Err(why)) => EniConfigState::Missing {
+                name: name.into(),
+                why: why.clone(),
+            },
+            None => EniConfigState::Missing {
+                name: name.into(),
+                why: "no ENIConfig of that name".into(),
+            },
+        }
+    }
+
+    fn known(&self) -> Vec<EniConfig> {
+        self.all
+            .values()
+            .filter_map(|c| c.as_ref().ok().cloned())
+            .collect()
+    }
+}
+
+/// Follows the node (and with custom networking the ENIConfigs) until the task is
+/// dropped; reconnects with backoff.
+pub async fn watch(node: Arc<Node>, client: Client, name: String, cordon: bool) {
+    // The caller has set Schedule::Pending before the pool started, if cordons are followed.
+    info!(
+        "watching node {name}{}{}",
+        if cordon { " for cordons" } else { "" },
+        if node.cfg.custom_network_cfg {
+            " and ENIConfigs (custom networking)"
+        } else {
+            ""
+        }
+    );
+    let custom = node.cfg.custom_network_cfg;
+    let nodes: Api<KubeNode> = Api::all(client.clone());
+    let wcfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut node_events = watcher::watcher(nodes, wcfg).default_backoff().boxed();
+    let mut config_events = if custom {
+        let api: Api<DynamicObject> = Api::all_with(client, &eni_config_resource());
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    };
     let mut listed = false;
     let mut failing = false;
-    while let Some(ev) = events.next().await {
-        match ev {
-            Ok(ev) => {
-                if failing {
-                    info!("Kubernetes API reachable again");
-                    failing = false;
-                }
+    let mut my_config: Option<String> = None;
+    let mut configs = EniConfigs::default();
+    loop {
+        tokio::select! {
+            ev = node_events.next() => {
+                let Some(ev) = ev else { break };
                 match ev {
-                    Event::Init => listed = false,
-                    Event::InitApply(n) | Event::Apply(n) => {
-                        listed = true;
-                        node.set_schedule(schedule_of(&n));
+                    Ok(ev) => {
+                        if failing {
+                            info!("Kubernetes API reachable again");
+                            failing = false;
+                        }
+                        match ev {
+                            Event::Init => listed = false,
+                            Event::InitApply(n) | Event::Apply(n) => {
+                                listed = true;
+                                // The cap before the answer that lets the pool go on.
+                                node.set_kubelet_max_pods(capacity_pods(&n));
+                                if cordon {
+                                    node.set_schedule(schedule_of(&n));
+                                }
+                                if custom {
+                                    let want = eni_config_name(
+                                        &n,
+                                        &node.cfg.eni_config_annotation_def,
+                                        &node.cfg.eni_config_label_def,
+                                    );
+                                    if my_config.as_deref() != Some(want.as_str()) {
+                                        info!("node {name} names ENIConfig {want:?}");
+                                        my_config = Some(want);
+                                    }
+                                }
+                            }
+                            Event::InitDone if !listed => {
+                                if cordon {
+                                    node.set_schedule(Schedule::NotFound);
+                                }
+                            }
+                            Event::InitDone => {}
+                            Event::Delete(_) => {
+                                if cordon {
+                                    node.set_schedule(Schedule::NotFound);
+                                }
+                            }
+                        }
                     }
-                    Event::InitDone if !listed => node.set_schedule(Schedule::NotFound),
-                    Event::InitDone => {}
-                    Event::Delete(_) => node.set_schedule(Schedule::NotFound),
+                    Err(e) => {
+                        // The last answer stands (a cordon does not lift because the API is
+                        // away); a node never heard of is managed as schedulable after the wait.
+                        if !failing {
+                            warn!("watching node {name}: {e}");
+                            failing = true;
+                        }
+                    }
                 }
             }
-            Err(e) => {
-                // The last answer stands (a cordon does not lift because the API is
-                // away); a node never heard of is managed as schedulable after the wait.
-                if !failing {
-                    warn!("watching node {name}: {e}");
-                    failing = true;
+            ev = config_events.next() => {
+                let Some(ev) = ev else { break };
+                match ev {
+                    Ok(Event::Init) => configs.init.clear(),
+                    Ok(Event::InitApply(o)) => {
+                        let n = o.metadata.name.clone().unwrap_or_default();
+                        configs.init.insert(n, parse_eni_config(&o));
+                    }
+                    Ok(Event::InitDone) => {
+                        configs.all = std::mem::take(&mut configs.init);
+                        configs.listed = true;
+                        configs.error = None;
+                    }
+                    Ok(Event::Apply(o)) => {
+                        let n = o.metadata.name.clone().unwrap_or_default();
+                        configs.all.insert(n, parse_eni_config(&o));
+                    }
+                    Ok(Event::Delete(o)) => {
+                        let n = o.metadata.name.clone().unwrap_or_default();
+                        configs.all.remove(&n);
+                    }
+                    Err(e) => {
+                        if configs.error.is_none() {
+                            warn!("watching ENIConfigs: {e}");
+                        }
+                        configs.error = Some(e.to_string());
+                    }
                 }
+                node.set_eni_configs_known(configs.known());
             }
+        }
+        if let Some(want) = &my_config {
+            node.set_eni_config(configs.state_for(want));
         }
     }
 }
@@ -173,6 +389,74 @@ mod tests {
         assert!(!is_cordoned(&node(None, &[("dedicated", "NoSchedule")])));
     }
 
+    fn labelled(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> KubeNode {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let mut n = KubeNode::default();
+        n.metadata.labels = map(labels);
+        n.metadata.annotations = map(annotations);
+        n
+    }
+
+    #[test]
+    fn the_eni_config_is_named_in_upstreams_order() {
+        let (a, l) = ("k8s.amazonaws.com/eniConfig", "topology.kubernetes.io/zone");
+        let name = |n: &KubeNode| eni_config_name(n, a, l);
+        assert_eq!(name(&labelled(&[], &[])), "default");
+        assert_eq!(name(&labelled(&[(l, "us-west-2a")], &[])), "us-west-2a");
+        assert_eq!(
+            name(&labelled(&[(l, "us-west-2a")], &[(a, "pods-a")])),
+            "pods-a",
+            "the annotation before the label"
+        );
+        assert_eq!(
+            name(&labelled(
+                &[(l, "us-west-2a"), (EXTERNAL_ENI_CONFIG_LABEL, "ext")],
+                &[(a, "pods-a")]
+            )),
+            "ext"
+        );
+        assert_eq!(
+            name(&labelled(&[(l, "us-west-2a")], &[(a, " ")])),
+            "us-west-2a",
+            "an empty annotation names nothing"
+        );
+    }
+
+    #[test]
+    fn an_eni_config_spec_is_checked() {
+        let obj = |spec: serde_json::Value| {
+            let mut o = DynamicObject::new("c", &eni_config_resource());
+            o.data = serde_json::json!({ "spec": spec });
+            parse_eni_config(&o)
+        };
+        let ok =
+            obj(serde_json::json!({"subnet": "subnet-1", "securityGroups": ["sg-1"]})).unwrap();
+        assert_eq!(
+            (ok.subnet.as_str(), ok.security_groups),
+            ("subnet-1", vec!["sg-1".to_string()])
+        );
+        assert!(
+            obj(serde_json::json!({"subnet": "subnet-1"}))
+                .unwrap()
+                .security_groups
+                .is_empty()
+        );
+        assert!(
+            obj(serde_json::json!({}))
+                .unwrap_err()
+                .contains("spec.subnet is empty")
+        );
+        assert!(obj(serde_json::json!({"subnet": "10.0.0.0/24"})).is_err());
+        assert!(obj(serde_json::json!({"subnet": "subnet-1", "securityGroups": "sg-1"})).is_err());
+        assert!(obj(serde_json::json!({"subnet": "subnet-1", "securityGroups": [7]})).is_err());
+    }
+
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
             vars.iter()
@@ -195,6 +479,21 @@ mod tests {
             check(&manage, env(&in_pod)),
             Ok(Some("AWS_MANAGE_ENIS_NON_SCHEDULABLE=true"))
         );
+        // Named, with the knob: watched for kubelet's capacity only.
+        let manage_named = cfg(&[
+            ("AWS_MANAGE_ENIS_NON_SCHEDULABLE", "true"),
+            ("MY_NODE_NAME", "n1"),
+        ]);
+        assert_eq!(check(&manage_named, env(&in_pod)), Ok(None));
+        // Custom networking needs the API and the node's name.
+        let custom = cfg(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]);
+        let err = check(&custom, env(none)).err().unwrap();
+        assert!(
+            err.starts_with("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG="),
+            "{err}"
+        );
+        let err = check(&custom, env(&in_pod)).err().unwrap();
+        assert!(err.starts_with("MY_NODE_NAME="), "{err}");
         // In a pod without MY_NODE_NAME: start-up stops, naming it.
         let err = check(&cfg(none), env(&in_pod)).err().unwrap();
         assert!(err.starts_with("MY_NODE_NAME="), "{err}");

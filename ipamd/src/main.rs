@@ -233,10 +233,21 @@ async fn daemon() -> ExitCode {
             info!("the node's schedulability is not read: {why}");
             None
         }
-        kube::Plan::Watch { client, node: name } => {
+        kube::Plan::Watch {
+            client,
+            node: name,
+            cordon,
+        } => {
             // Before the pool starts: ENIs wait for the first answer.
-            node.set_schedule(ipamd_core::node::Schedule::Pending);
-            Some(tokio::spawn(kube::watch(node.clone(), client, name)))
+            if cordon {
+                node.set_schedule(ipamd_core::node::Schedule::Pending);
+            }
+            Some(tokio::spawn(kube::watch(
+                node.clone(),
+                client,
+                name,
+                cordon,
+            )))
         }
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -21,7 +21,7 @@ use axum::routing::get;
 use ipamd_core::budget::{BucketView, CallStats};
 use ipamd_core::config::Config;
 use ipamd_core::datastore::Assignment;
-use ipamd_core::node::{Node, StoreView, rfc3339};
+use ipamd_core::node::{EniConfigState, Node, StoreView, rfc3339};
 use ipamd_core::pool::{Decision, Mode, PoolState};
 use serde_json::{Value, json};
 
@@ -204,13 +204,34 @@ async fn enis(State(o): State<Ops>) -> Json<Value> {
     Json(enis_json(&o.node.view()))
 }
 
+/// Upstream's shape: every ENIConfig by name (`ENI`) and the node's (`MyENI`); ours adds
+/// whether custom networking is on and why the node's config cannot be used, if it cannot.
 async fn eni_configs(State(o): State<Ops>) -> Json<Value> {
-    // Custom networking is refused at start-up, so no ENIConfig is ever in use.
-    Json(json!({
-        "ENI": {},
-        "MyENI": "",
-        "CustomNetworking": o.node.cfg.custom_network_cfg,
-    }))
+    Json(eni_configs_json(&o.node))
+}
+
+pub fn eni_configs_json(node: &Node) -> Value {
+    let all: serde_json::Map<String, Value> = node
+        .eni_configs_known()
+        .into_iter()
+        .map(|c| {
+            (
+                c.name,
+                json!({"securityGroups": c.security_groups, "subnet": c.subnet}),
+            )
+        })
+        .collect();
+    let mine = match node.eni_config() {
+        EniConfigState::Found(c) => c.name,
+        EniConfigState::Missing { name, .. } => name,
+        EniConfigState::Pending => String::new(),
+    };
+    json!({
+        "ENI": all,
+        "MyENI": if node.cfg.custom_network_cfg { mine } else { String::new() },
+        "CustomNetworking": node.cfg.custom_network_cfg,
+        "problem": node.eni_config_problem(),
+    })
 }
 
 async fn ipamd_env(State(o): State<Ops>) -> Json<BTreeMap<String, String>> {
@@ -315,7 +336,7 @@ pub fn pool_json(node: &Node) -> Value {
         "limits": limits.map(|l| json!({
             "maxEnis": l.max_enis,
             "ipv4PerEni": l.ipv4_per_eni,
-            "maxPods": l.max_pods(),
+            "maxPods": node.policy(l).max_pods(),
         })),
         "decisions": node.decisions().iter().rev().map(|d| json!({
             "at": rfc3339(d.at),
@@ -332,6 +353,9 @@ pub fn pool_json(node: &Node) -> Value {
         "manageEnisNonSchedulable": c.manage_enis_non_schedulable,
         "eniHold": node.eni_hold(),
     });
+    if c.custom_network_cfg {
+        out["customNetworking"] = eni_configs_json(node);
+    }
     let free = node.view().free;
     out["free"] = json!(free);
     out["exhausted"] = json!(node.pool_exhausted());
@@ -593,6 +617,12 @@ pub fn render_metrics(node: &Node, ec2: &CallStats) -> String {
         "gauge",
         "1 while ENIs are neither attached nor freed because the node is cordoned (AWS_MANAGE_ENIS_NON_SCHEDULABLE=false)",
         node.eni_hold().is_some() as u8,
+    );
+    o.one(
+        "awscni_eni_config_missing",
+        "gauge",
+        "1 while custom networking has no usable ENIConfig for this node (none named or found, or its subnet unusable): no ENI is attached",
+        node.eni_config_problem().is_some() as u8,
     );
     o.one(
         "awscni_pool_exhausted",

@@ -867,6 +867,14 @@ impl Ec2 for NodeCloud {
         let _ = CNI_SUBNET_TAG;
         answer!(self.call("DescribeSubnets", Op::Subnets).await, Subnets)
     }
+    async fn describe_subnet(&self, id: &str) -> CloudResult<SubnetInfo> {
+        // Custom networking is not simulated: no scenario names an ENIConfig.
+        Err(CloudError::new(
+            "DescribeSubnets",
+            "InvalidSubnetID.NotFound",
+            format!("the simulator models no ENIConfig subnet ({id})"),
+        ))
+    }
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
         answer!(
             self.call("CreateNetworkInterface", Op::Create(req.clone()))

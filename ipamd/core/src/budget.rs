@@ -376,6 +376,12 @@ impl<E: Ec2> Ec2 for Budgeted<E> {
         })
         .await
     }
+    async fn describe_subnet(&self, id: &str) -> CloudResult<SubnetInfo> {
+        self.call("DescribeSubnets", Family::Describe, || {
+            self.inner.describe_subnet(id)
+        })
+        .await
+    }
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo> {
         self.call("CreateNetworkInterface", Family::EniLifecycle, || {
             self.inner.create_eni(req)

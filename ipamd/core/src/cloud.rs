@@ -140,6 +140,8 @@ pub trait Ec2: Send + Sync {
     ) -> CloudResult<Vec<EniInfo>>;
     /// DescribeSubnets (vpc-id, tag-key kubernetes.io/role/cni)
     async fn cni_subnets(&self, vpc_id: &str) -> CloudResult<Vec<SubnetInfo>>;
+    /// DescribeSubnets (subnet-id): custom networking's ENIConfig subnet.
+    async fn describe_subnet(&self, subnet_id: &str) -> CloudResult<SubnetInfo>;
     /// CreateNetworkInterface
     async fn create_eni(&self, req: &NewEni) -> CloudResult<EniInfo>;
     /// AttachNetworkInterface; returns the attachment id.

@@ -89,12 +89,6 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         return Err(r.err("ENABLE_IPv4", "true: IPv4 is the only family supported"));
     }
     let custom_network_cfg = r.bool("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?;
-    if custom_network_cfg {
-        return Err(r.err(
-            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
-            "false: ENIConfig custom networking is not supported by this daemon yet",
-        ));
-    }
     // Features of upstream this daemon does not have: refused, never silently ignored.
     if r.bool("ENABLE_POD_ENI", false)? {
         return Err(r.err(

@@ -719,6 +719,17 @@ impl Datastore {
         out
     }
 
+    /// The free secondary IPs of ENIs that serve no new pod and cannot be freed whole (the
+    /// primary ENI under custom networking): addresses of the node's subnet held for nothing.
+    pub fn idle_ips_on_closed_primary(&self) -> Vec<(EniId, Ipv4Addr)> {
+        self.enis
+            .values()
+            .filter(|e| e.is_primary && !self.serving.serves(e))
+            .flat_map(|e| e.ips.iter().map(move |ip| (e.id.clone(), *ip)))
+            .filter(|(_, ip)| matches!(self.addrs.get(ip), Some((_, Slot::Free))))
+            .collect()
+    }
+
     /// Up to `n` prefixes none of whose addresses is in use.
     pub fn releasable_prefixes(&self, n: u32) -> Vec<(EniId, Ipv4Net)> {
         let mut out = Vec::new();
@@ -912,6 +923,11 @@ mod tests {
             "10.0.0.2 on the primary ENI is not a pod's"
         );
         assert_eq!(d.get(&key("old")).unwrap().ip, old.ip);
+        assert_eq!(
+            d.idle_ips_on_closed_primary(),
+            vec![("eni-0".to_string(), "10.0.0.2".parse().unwrap())],
+            "the primary's free address may go back to EC2; its pod's stays"
+        );
         // The config moves on: eni-1 drains, the primary's free address still is not served.
         d.set_serving(Serving {
             skip_primary: true,

@@ -32,15 +32,76 @@ pub fn pick_subnet(tagged: &[SubnetInfo], az: &str, primary: SubnetInfo) -> Subn
 
 impl Node {
     pub(super) async fn free_eni(&self, state: PoolState, decision: &Decision) -> bool {
+        self.free_eni_of(state, decision, false).await
+    }
+
+    /// Custom networking: an ENI of a subnet the node's ENIConfig no longer names, whose
+    /// last pod has gone, is freed whatever the warm targets say.
+    pub(super) async fn free_drained_eni(&self, state: PoolState) -> bool {
+        let any = {
+            let s = self.store.lock().unwrap();
+            s.enis().any(|e| !e.is_primary && !s.serves(e))
+        };
+        any && self.free_eni_of(state, &Decision::FreeEni, true).await
+    }
+
+    /// Custom networking: the primary ENI's free secondary IPs (from before the knob was
+    /// turned on) go back to EC2: the node's subnet is what custom networking spares.
+    pub(super) async fn release_idle_primary_ips(&self, state: PoolState) -> bool {
+        let picked = {
+            let mut s = self.store.lock().unwrap();
+            let ips = s.idle_ips_on_closed_primary();
+            ips.into_iter()
+                .filter(|(e, ip)| s.remove_ips(e, &[*ip]).is_ok())
+                .collect::<Vec<_>>()
+        };
+        let Some(eni) = picked.first().map(|(e, _)| e.clone()) else {
+            return false;
+        };
+        let ips: Vec<_> = picked.iter().map(|(_, ip)| *ip).collect();
+        let outcome = match self.ec2.unassign_ips(&eni, &ips).await {
+            Ok(()) => {
+                info!(
+                    "released {} idle addresses of the primary ENI {eni} (custom networking gives it no pods)",
+                    ips.len()
+                );
+                format!("released {} idle IPs of the primary ENI", ips.len())
+            }
+            Err(e) => {
+                self.metrics
+                    .error("decreaseIPPoolUnassignIPAddressesFailed");
+                warn!("unassigning {ips:?} from {eni} failed, keeping them: {e}");
+                let _ = self.store.lock().unwrap().add_ips(&eni, &ips);
+                return false;
+            }
+        };
+        self.record_decision(
+            state,
+            &Decision::Release {
+                count: ips.len() as u32,
+            },
+            outcome,
+        );
+        true
+    }
+
+    async fn free_eni_of(&self, state: PoolState, decision: &Decision, drained: bool) -> bool {
         let eni = {
             let mut s = self.store.lock().unwrap();
-            match s.freeable_eni(self.timing.eni_min_age, Instant::now()) {
+            let pick = if drained {
+                s.freeable_drained_eni()
+            } else {
+                s.freeable_eni(self.timing.eni_min_age, Instant::now())
+            };
+            match pick {
                 Some(id) => s.remove_eni(&id).ok(),
                 None => None,
             }
         };
         let Some(eni) = eni else {
-            self.record_decision(state, decision, "no ENI old enough and empty");
+            if !drained {
+                self.record_decision(state, decision, "no ENI old enough and empty");
+            }
             return false;
         };
         if let Err(e) = self.host.teardown_eni(&self.eni_net(&eni)).await {
@@ -51,8 +112,13 @@ impl Node {
             .await
         {
             Ok(()) => {
-                info!("freed {} (device {})", eni.id, eni.device_number);
-                self.record_decision(state, decision, format!("freed {}", eni.id));
+                let why = if drained {
+                    " (its subnet is no longer the ENIConfig's, its last pod gone)"
+                } else {
+                    ""
+                };
+                info!("freed {} (device {}){why}", eni.id, eni.device_number);
+                self.record_decision(state, decision, format!("freed {}{why}", eni.id));
                 true
             }
             Err(e) => {
@@ -174,12 +240,21 @@ impl Node {
         let (created, subnet_cidr) = match kept {
             Some(k) => k,
             None => {
-                let subnet = self.subnet_for_new_eni(inst).await;
+                let (subnet, security_groups) = if self.cfg.custom_network_cfg {
+                    self.custom_target()
+                        .await
+                        .map_err(|why| CloudError::new("ipamd", "ENIConfig", why))?
+                } else {
+                    (
+                        self.subnet_for_new_eni(inst).await,
+                        inst.primary_sgs.clone(),
+                    )
+                };
                 let created = self
                     .ec2
                     .create_eni(&NewEni {
                         subnet_id: subnet.id.clone(),
-                        security_groups: inst.primary_sgs.clone(),
+                        security_groups,
                         description: format!("aws-K8S-{}", inst.meta.instance_id),
                         tags,
                         secondary_ips: secondary,

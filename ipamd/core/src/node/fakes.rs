@@ -73,6 +73,9 @@ impl Ec2 for NoEc2 {
     async fn cni_subnets(&self, _: &str) -> CloudResult<Vec<SubnetInfo>> {
         none()
     }
+    async fn describe_subnet(&self, _: &str) -> CloudResult<SubnetInfo> {
+        none()
+    }
     async fn create_eni(&self, _: &NewEni) -> CloudResult<EniInfo> {
         none()
     }

@@ -9,6 +9,7 @@
 //! leaked-ENI sweep) and `cordon` (the node's schedulability, from the Kubernetes API).
 
 mod cordon;
+mod custom;
 mod enis;
 #[cfg(test)]
 mod fakes;
@@ -38,6 +39,7 @@ use crate::pool::Limits;
 
 pub use crate::clock::{now_ns, rfc3339};
 pub use cordon::Schedule;
+pub use custom::{EniConfig, EniConfigState};
 pub use enis::{TAG_CLUSTER, TAG_CREATED_AT, TAG_INSTANCE_ID, pick_subnet};
 pub use pool_loop::DecisionRecord;
 pub use serving::AddOutcome;
@@ -229,6 +231,11 @@ pub struct Node {
     waiting: AtomicU32,
     /// The node's schedulability and since when.
     schedule: Mutex<(Schedule, Instant)>,
+    /// Custom networking: the node's ENIConfig, and every one the API holds.
+    eni_config: Mutex<EniConfigState>,
+    eni_configs_seen: Mutex<Vec<EniConfig>>,
+    /// kubelet's `status.capacity.pods` (0: not known).
+    kubelet_max_pods: AtomicU32,
     pool: Mutex<pool_loop::LoopState>,
     reconciler: Mutex<reconcile::ReconcileState>,
     pub timing: Timing,

@@ -42,6 +42,10 @@ pub(super) struct LoopState {
     /// ENIs attached whose link has not appeared on the host yet: they count as ENIs
     /// (no second attach at their device, none while they wait) but give no addresses.
     pub(super) waiting_for_link: BTreeMap<String, LinkWait>,
+    /// Custom networking: ENIConfig subnets EC2 described (in this AZ), by id; the
+    /// subnet of the ENIConfig that cannot be used, and why.
+    pub(super) custom_subnets: BTreeMap<String, crate::cloud::SubnetInfo>,
+    pub(super) subnet_problem: Option<(String, String)>,
     /// Subnet discovery's last answer, and when.
     pub(super) subnets: Option<(Instant, Vec<crate::cloud::SubnetInfo>)>,
     /// Since when the policy has wanted an ENI attached while the pool could still serve
@@ -122,6 +126,11 @@ impl Node {
             mode,
             limits,
             max_enis: c.max_eni.unwrap_or(limits.max_enis).min(limits.max_enis),
+            primary_serves: !c.custom_network_cfg,
+            max_pods_cap: match self.kubelet_max_pods.load(Ordering::Relaxed) {
+                0 => None,
+                n => Some(n),
+            },
         }
     }
 
@@ -150,7 +159,7 @@ impl Node {
         let (mut enis, mut free_slots, mut prefixes) = (waiting, 0, 0);
         for e in s.enis() {
             enis += 1;
-            if !refused.contains(&e.id) {
+            if !refused.contains(&e.id) && s.serves(e) {
                 free_slots += per.saturating_sub(e.slots_used());
             }
             prefixes += e.prefixes.len() as u32;
@@ -230,7 +239,7 @@ impl Node {
                     Ok(l) => {
                         info!(
                             ?l,
-                            max_pods = l.max_pods(),
+                            max_pods = self.policy(l).max_pods(),
                             "limits of {} ({})",
                             inst.meta.instance_type,
                             if known.is_some() {
@@ -324,6 +333,12 @@ impl Node {
         let mut decision = policy.decide(&state);
         let prefix_mode = matches!(policy.mode, Mode::Prefix { .. });
         let hold = self.eni_hold();
+        if hold.is_none()
+            && self.cfg.custom_network_cfg
+            && (self.free_drained_eni(state).await || self.release_idle_primary_ips(state).await)
+        {
+            return true;
+        }
         if let Some(why) = hold {
             match decision {
                 Decision::AttachEni | Decision::FreeEni => {
@@ -364,7 +379,7 @@ impl Node {
             let need = if prefix_mode {
                 need.div_ceil(16)
             } else {
-                need.min(limits.max_pods().saturating_sub(state.total))
+                need.min(policy.max_pods().saturating_sub(state.total))
             };
             decision = Decision::Assign {
                 count: count.max(need),
@@ -448,7 +463,7 @@ impl Node {
                     let s = self.store.lock().unwrap();
                     let mut enis: Vec<&Eni> = s
                         .enis()
-                        .filter(|e| e.slots_used() < per && !refused.contains(&e.id))
+                        .filter(|e| e.slots_used() < per && !refused.contains(&e.id) && s.serves(e))
                         .collect();
                     enis.sort_by_key(|e| e.device_number);
                     enis.first()
@@ -554,9 +569,12 @@ impl Node {
                 {
                     return false;
                 }
+                let problem = self.eni_config_problem();
                 let held = {
                     let rt = self.pool.lock().unwrap();
-                    if let Some(w) = rt.waiting_for_link.values().next() {
+                    if let Some(why) = problem {
+                        Some(format!("held: {why}"))
+                    } else if let Some(w) = rt.waiting_for_link.values().next() {
                         Some(format!(
                             "held: {} (device {}) is attached and waiting for its link",
                             w.eni.id, w.eni.device_number

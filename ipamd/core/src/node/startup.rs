@@ -167,6 +167,9 @@ impl Node {
             attaching: AtomicBool::new(false),
             waiting: AtomicU32::new(0),
             schedule: Mutex::new((Schedule::NotWatched, Instant::now())),
+            eni_config: Mutex::new(super::EniConfigState::Pending),
+            eni_configs_seen: Mutex::new(vec![]),
+            kubelet_max_pods: AtomicU32::new(0),
             ops_since_compact: AtomicU64::new(0),
             pool: Mutex::new(Default::default()),
             reconciler: Mutex::new(Default::default()),
@@ -177,6 +180,7 @@ impl Node {
         if ran_before {
             node.note_possible_leak();
         }
+        node.apply_serving();
         Ok(node)
     }
 
