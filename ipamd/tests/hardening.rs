@@ -104,6 +104,13 @@ async fn a_full_node_stays_healthy_and_says_it_is_full_() {
     // One ENI of 9 addresses and no room to grow.
     let d = Ipamd::start(&emu, &[("MAX_ENI", "1"), ("ADD_NETWORK_WAIT_MS", "300")]);
     let c = d.client().await;
+    // The pool filled first (under load its first AssignPrivateIpAddresses may take longer
+    // than the short wait this test gives AddNetwork).
+    let free = eventually(Duration::from_secs(20), serde_json::json!(9), async || {
+        pool_json()["free"].clone()
+    })
+    .await;
+    assert_eq!(free, 9, "{}", d.log());
     for i in 0..9 {
         assert!(
             c.add(&format!("p{i}")).await.unwrap().success,

@@ -203,3 +203,311 @@ fn a_broken_api_configuration_stops_start_up_naming_it() {
         assert!(!dir.path().join("ipam.json").exists());
     }
 }
+
+/// The seeded pod subnets (Name pods-<n>) and the pods security group, by EC2.
+async fn pod_subnets_and_group(emu: &Emulator) -> (Vec<String>, String) {
+    let conf = ec2_emulator_sdk_check::sdk_config(&emu.endpoint, "us-west-2").await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let mut subnets = vec![];
+    for n in 0..3 {
+        let r = ec2
+            .describe_subnets()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:Name")
+                    .values(format!("pods-{n}"))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        subnets.push(r.subnets()[0].subnet_id().unwrap().to_string());
+    }
+    let g = ec2
+        .describe_security_groups()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("group-name")
+                .values("pods")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let sg = g.security_groups()[0].group_id().unwrap().to_string();
+    (subnets, sg)
+}
+
+/// The instance's ENIs by device: (subnet, security groups, secondary IPs).
+async fn enis_by_device(emu: &Emulator, instance: &str) -> Vec<(String, Vec<String>, usize)> {
+    let conf = ec2_emulator_sdk_check::sdk_config(&emu.endpoint, "us-west-2").await;
+    let c = aws_sdk_ec2::Client::new(&conf);
+    let r = ec2_emulator_sdk_check::attached_enis(&c, instance)
+        .await
+        .unwrap();
+    let mut v: Vec<_> = r
+        .network_interfaces()
+        .iter()
+        .map(|n| {
+            (
+                n.attachment().and_then(|a| a.device_index()).unwrap_or(-1),
+                n.subnet_id().unwrap_or_default().to_string(),
+                n.groups()
+                    .iter()
+                    .filter_map(|g| g.group_id().map(str::to_string))
+                    .collect::<Vec<_>>(),
+                n.private_ip_addresses()
+                    .iter()
+                    .filter(|a| !a.primary().unwrap_or(false))
+                    .count(),
+            )
+        })
+        .collect();
+    v.sort_by_key(|x| x.0);
+    v.into_iter().map(|(_, s, g, n)| (s, g, n)).collect()
+}
+
+fn in_subnet(ip: &str, cidr: &str) -> bool {
+    let (net, len) = cidr.split_once('/').unwrap();
+    let (ip, net): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (ip.parse().unwrap(), net.parse().unwrap());
+    let mask = u32::MAX << (32 - len.parse::<u32>().unwrap());
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+#[test]
+fn custom_networking_follows_the_nodes_eni_config() {
+    in_node_ns("kube", custom_networking_follows_the_nodes_eni_config_)
+}
+
+async fn custom_networking_follows_the_nodes_eni_config_() {
+    let emu = Emulator::start();
+    let id = emu
+        .seed(&[
+            "--type",
+            "m5.large",
+            "--pod-vpc-cidr",
+            "100.64.0.0/16",
+            "--pod-subnet",
+            "100.64.0.0/19",
+            "--pod-subnet",
+            "100.64.32.0/19",
+            "--pod-subnet",
+            "100.64.64.0/19@us-west-2b",
+        ])
+        .remove(0);
+    let (subnets, pods_sg) = pod_subnets_and_group(&emu).await;
+    let nodes_sg = enis_by_device(&emu, &id).await[0].1.clone();
+    let k = k8s::K8s::start().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    k.apply_crd(&root.join("eniconfig-crd.yaml")).await;
+    k.register_node(NODE, false).await;
+    // One ENIConfig per AZ, named by the zone label (as EKS users set it up).
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    k.patch_node_meta(NODE, json!({"labels": {ZONE: "us-west-2a"}}))
+        .await;
+    k.put_eni_config(
+        "us-west-2a",
+        json!({"subnet": subnets[0], "securityGroups": [pods_sg]}),
+    )
+    .await;
+    let (ns, sa) = k.apply_rbac(&root.join("aws-node.yaml")).await;
+    let token = k.token(&ns, &sa).await;
+    let kubeconfig = k.kubeconfig("aws-node", &token);
+    // The node ran without custom networking first: its primary ENI holds 9 addresses of
+    // the node subnet.
+    {
+        let mut before = Ipamd::start(&emu, &[]);
+        let got = eventually(Duration::from_secs(10), (1, 9), async || {
+            counts(&emu, &id).await
+        })
+        .await;
+        assert_eq!(got, (1, 9), "{}", before.log());
+        before.terminate();
+    }
+    let d = Ipamd::start(
+        &emu,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("MY_NODE_NAME", NODE),
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+            ("ENI_CONFIG_LABEL_DEF", ZONE),
+            // IP-target mode: an ENI holds a few addresses (ENI mode would fill two whole
+            // ENIs of an m5.large's three at once, leaving no room for a change).
+            ("WARM_IP_TARGET", "2"),
+            ("IP_COOLDOWN_PERIOD", "1"),
+        ],
+    );
+    let c = d.client().await;
+    // A pod gets an address of the ENIConfig's subnet, on a secondary ENI carrying the
+    // ENIConfig's security group; the primary ENI gives pods nothing.
+    let r = c.add("p1").await.unwrap();
+    assert!(r.success, "{r:?}\n{}", d.log());
+    assert!(
+        in_subnet(&r.ip_allocation_metadata[0].i_pv4_addr, "100.64.0.0/19"),
+        "{r:?}"
+    );
+    // The primary ENI's idle addresses went back to EC2 (the node subnet is what custom
+    // networking spares).
+    let primary_subnet = enis_by_device(&emu, &id).await[0].0.clone();
+    let idle = eventually(Duration::from_secs(10), 0, async || {
+        enis_by_device(&emu, &id).await[0].2
+    })
+    .await;
+    assert_eq!(idle, 0, "{}", d.log());
+    let enis = enis_by_device(&emu, &id).await;
+    assert_eq!(enis.len(), 2, "{enis:?}\n{}", d.log());
+    assert_eq!(
+        enis[0],
+        (primary_subnet.clone(), nodes_sg.clone(), 0),
+        "{enis:?}"
+    );
+    assert_eq!(
+        (&enis[1].0, &enis[1].1),
+        (&subnets[0], &vec![pods_sg.clone()]),
+        "{enis:?}"
+    );
+    assert!(enis[1].2 >= 3, "{enis:?}");
+    let p = pool();
+    assert_eq!(p["customNetworking"]["MyENI"], "us-west-2a", "{p}");
+    assert!(p["customNetworking"]["problem"].is_null(), "{p}");
+    // Upstream's max-pods for custom networking: (3 - 1) x (10 - 1) + 2.
+    assert_eq!(p["limits"]["maxPods"], 20, "{p}");
+    let ec = http_get(INTROSPECTION, "/v1/eni-configs").unwrap();
+    assert_eq!(
+        ec["ENI"]["us-west-2a"]["subnet"],
+        subnets[0].as_str(),
+        "{ec}"
+    );
+
+    // The annotation names another ENIConfig, not there yet: pods are still served from
+    // the ENI there is, and the pool, the metric say what is missing.
+    k.patch_node_meta(
+        NODE,
+        json!({"annotations": {"k8s.amazonaws.com/eniConfig": "pods-b"}}),
+    )
+    .await;
+    let problem = eventually(Duration::from_secs(10), true, async || {
+        pool()["customNetworking"]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("pods-b") && p.contains("no ENIConfig of that name"))
+    })
+    .await;
+    assert!(problem, "{}\n{}", pool(), d.log());
+    let metrics = sh(&["curl", "-sf", "http://127.0.0.1:61678/metrics"]);
+    assert!(
+        metrics.contains("\nawscni_eni_config_missing 1\n"),
+        "{metrics}"
+    );
+    let r2 = c.add("p2").await.unwrap();
+    assert!(
+        r2.success && in_subnet(&r2.ip_allocation_metadata[0].i_pv4_addr, "100.64.0.0/19"),
+        "{r2:?}"
+    );
+
+    // Created, naming no security group: new pods go to its subnet, on an ENI with the
+    // node's groups; the old subnet's ENI serves no new pod.
+    k.put_eni_config("pods-b", json!({"subnet": subnets[1]}))
+        .await;
+    let r3 = c.add("p3").await.unwrap();
+    assert!(
+        r3.success && in_subnet(&r3.ip_allocation_metadata[0].i_pv4_addr, "100.64.32.0/19"),
+        "{r3:?}\n{}",
+        d.log()
+    );
+    let enis = enis_by_device(&emu, &id).await;
+    assert_eq!(enis.len(), 3, "{enis:?}");
+    assert_eq!(
+        (&enis[2].0, &enis[2].1),
+        (&subnets[1], &nodes_sg),
+        "{enis:?}"
+    );
+    // Once the old subnet's pods are gone, its ENI is freed (upstream keeps it).
+    c.del("p1").await.unwrap();
+    c.del("p2").await.unwrap();
+    let left = eventually(Duration::from_secs(45), 2, async || {
+        enis_by_device(&emu, &id).await.len()
+    })
+    .await;
+    assert_eq!(
+        left,
+        2,
+        "{:?}\n{}",
+        enis_by_device(&emu, &id).await,
+        d.log()
+    );
+    assert!(
+        enis_by_device(&emu, &id)
+            .await
+            .iter()
+            .all(|e| e.0 != subnets[0])
+    );
+
+    // Pointed at a subnet of another AZ: refused naming it, and pods are still served
+    // from the ENI there is.
+    k.put_eni_config("pods-b", json!({"subnet": subnets[2]}))
+        .await;
+    let problem = eventually(Duration::from_secs(15), true, async || {
+        pool()["customNetworking"]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("us-west-2b"))
+    })
+    .await;
+    assert!(problem, "{}\n{}", pool(), d.log());
+    let r4 = c.add("p4").await.unwrap();
+    assert!(
+        r4.success && in_subnet(&r4.ip_allocation_metadata[0].i_pv4_addr, "100.64.32.0/19"),
+        "{r4:?}\n{}",
+        d.log()
+    );
+    assert_eq!(enis_by_device(&emu, &id).await.len(), 2);
+    // Never refused by the manifest's role.
+    let log = d.log();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_pool_holds_no_more_than_kubelets_pod_capacity() {
+    in_node_ns("kube", the_pool_holds_no_more_than_kubelets_pod_capacity_)
+}
+
+async fn the_pool_holds_no_more_than_kubelets_pod_capacity_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let k = k8s::K8s::start().await;
+    k.register_node(NODE, false).await;
+    // kubelet --max-pods=5 on an m5.large (29 by the formula).
+    k.set_node_capacity_pods(NODE, 5).await;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aws-node.yaml");
+    let (ns, sa) = k.apply_rbac(&manifest).await;
+    let token = k.token(&ns, &sa).await;
+    let kubeconfig = k.kubeconfig("aws-node", &token);
+    let d = Ipamd::start(
+        &emu,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("MY_NODE_NAME", NODE),
+        ],
+    );
+    let _c = d.client().await;
+    let got = eventually(Duration::from_secs(10), (1, 5), async || {
+        counts(&emu, &id).await
+    })
+    .await;
+    assert_eq!(got, (1, 5), "{}", d.log());
+    let max = eventually(Duration::from_secs(10), Value::from(5), async || {
+        pool()["limits"]["maxPods"].clone()
+    })
+    .await;
+    assert_eq!(max, 5, "{}", d.log());
+    // WARM_ENI_TARGET=1 would take 9 addresses and a second ENI: 5 at most.
+    assert!(
+        holds(&emu, &id, (1, 5), Duration::from_secs(3)).await,
+        "{:?}\n{}",
+        counts(&emu, &id).await,
+        d.log()
+    );
+}

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 
@@ -173,6 +174,91 @@ impl K8s {
                 &PatchParams::default(),
                 &Patch::Merge(json!({ "spec": spec })),
             )
+            .await
+            .unwrap();
+    }
+
+    /// Merge-patches the node's metadata (labels, annotations).
+    pub async fn patch_node_meta(&self, name: &str, meta: Value) {
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        nodes
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": meta })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Sets the node's `status.capacity.pods` (what kubelet reports for --max-pods).
+    pub async fn set_node_capacity_pods(&self, name: &str, pods: u32) {
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        nodes
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"capacity": {"pods": pods.to_string()}}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Creates the CRD of a manifest file and waits until the API serves it.
+    pub async fn apply_crd(&self, manifest: &Path) {
+        let text = std::fs::read_to_string(manifest).unwrap();
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        let api: Api<CustomResourceDefinition> = Api::all(self.admin.clone());
+        api.create(&PostParams::default(), &crd).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = api.get(&name).await.unwrap();
+            let established = c
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established && self.eni_configs().list(&Default::default()).await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "CRD {name} not served in 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn eni_configs(&self) -> Api<DynamicObject> {
+        let ar = ApiResource {
+            group: "crd.k8s.amazonaws.com".into(),
+            version: "v1alpha1".into(),
+            api_version: "crd.k8s.amazonaws.com/v1alpha1".into(),
+            kind: "ENIConfig".into(),
+            plural: "eniconfigs".into(),
+        };
+        Api::all_with(self.admin.clone(), &ar)
+    }
+
+    /// Creates or replaces the ENIConfig `name` with this spec.
+    pub async fn put_eni_config(&self, name: &str, spec: Value) {
+        let api = self.eni_configs();
+        let obj = json!({
+            "apiVersion": "crd.k8s.amazonaws.com/v1alpha1",
+            "kind": "ENIConfig",
+            "metadata": {"name": name},
+            "spec": spec,
+        });
+        api.patch(
+            name,
+            &PatchParams::apply("tests").force(),
+            &Patch::Apply(obj),
+        )
+        .await
+        .unwrap();
+    }
+
+    pub async fn delete_eni_config(&self, name: &str) {
+        self.eni_configs()
+            .delete(name, &DeleteParams::default())
             .await
             .unwrap();
     }
