@@ -34,6 +34,18 @@ pub const APISERVER_ADDR: &str = "100.64.0.2";
 /// The first address of the Service range: the `kubernetes` Service.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const CLUSTER_DNS: &str = "10.96.0.10";
+/// What the cluster's VPC has for custom networking: 100.64.0.0/16 beside the nodes'
+/// 10.0.0.0/16, subnets Name=pods-0 (100.64.0.0/19) and pods-1 (100.64.32.0/19), and a
+/// security group named pods.
+pub const POD_SEED: &[&str] = &[
+    "--pod-vpc-cidr",
+    "100.64.0.0/16",
+    "--pod-subnet",
+    "100.64.0.0/19",
+    "--pod-subnet",
+    "100.64.32.0/19",
+];
+
 /// The aws-node image deploy/aws-node.yaml names, and a second tag for rolling updates.
 pub const AWS_NODE_IMAGE: &str = "vpc-cni-rs/aws-node";
 
@@ -146,7 +158,8 @@ impl Cluster {
     /// Ready and CoreDNS answers. Call inside `lab::in_fabric`.
     pub async fn start(fabric: &str, nodes: usize, instance_type: &str) -> Cluster {
         let started = Instant::now();
-        let lab = Lab::fabric(fabric, nodes, instance_type, &[]).await;
+        // A secondary VPC block with a pod subnet per node, for custom networking.
+        let lab = Lab::fabric_seeded(fabric, nodes, instance_type, &[], POD_SEED).await;
         let dir = lab.dir.path().join("cluster");
         std::fs::create_dir_all(&dir).unwrap();
         let max_pods = max_pods(&lab, instance_type).await;

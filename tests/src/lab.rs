@@ -248,10 +248,24 @@ impl Lab {
         instance_type: &str,
         knobs: &[(&str, &str)],
     ) -> Lab {
+        Lab::fabric_seeded(fabric, nodes, instance_type, knobs, &[]).await
+    }
+
+    /// `fabric`, the emulator seeded with these arguments too (`emulator seed --help`).
+    pub async fn fabric_seeded(
+        fabric: &str,
+        nodes: usize,
+        instance_type: &str,
+        knobs: &[(&str, &str)],
+        seed: &[&str],
+    ) -> Lab {
         let t0 = Instant::now();
         let emu = Emulator::start_on("0.0.0.0");
         eprintln!("lab: emulator up in {:?}", t0.elapsed());
-        let ids = emu.seed(&["--type", instance_type, "--count", &nodes.to_string()]);
+        let count = nodes.to_string();
+        let mut args = vec!["--type", instance_type, "--count", &count];
+        args.extend_from_slice(seed);
+        let ids = emu.seed(&args);
         assert_eq!(ids.len(), nodes, "seeded {ids:?}");
         let conf = sdk_config(&emu.endpoint, "us-west-2").await;
         let ec2 = aws_sdk_ec2::Client::new(&conf);

@@ -4,7 +4,8 @@
 //! made, CoreDNS. One cluster, its checks in order: nodes Ready only once the conflist is
 //! written; a Deployment across the nodes on primary and secondary ENIs; pod, node and
 //! internet traffic; ClusterIP and NodePort Services; DNS; kube-proxy's rules beside ours;
-//! a node filled to max pods; a rolling update of aws-node under traffic; cordon and drain.
+//! a node filled to max pods; a rolling update of aws-node under traffic; cordon and drain;
+//! custom networking switched on (ENIConfigs, pods on 100.64.0.0/16).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -275,6 +276,7 @@ fn a_real_cluster_runs_aws_node_as_users_do() {
         a_full_node_keeps_aws_node_ready(&c).await;
         a_rolling_update_of_aws_node_loses_nothing(&c, &web).await;
         cordon_and_drain_hold_enis(&mut c).await;
+        custom_networking_puts_pods_on_the_pod_subnets(&c).await;
         eprintln!("cluster checks done in {:?}", c.started.elapsed());
     });
 }
@@ -820,4 +822,225 @@ async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The EC2 id of what the emulator's seed named `name` (a subnet, or the pods group).
+async fn seeded_id(c: &Cluster, subnet_name: Option<&str>) -> String {
+    let f = |k: &str, v: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(k)
+            .values(v)
+            .build()
+    };
+    match subnet_name {
+        Some(n) => {
+            let r = c
+                .lab
+                .ec2
+                .describe_subnets()
+                .filters(f("tag:Name", n))
+                .send()
+                .await
+                .unwrap();
+            r.subnets()[0].subnet_id().unwrap().to_string()
+        }
+        None => {
+            let r = c
+                .lab
+                .ec2
+                .describe_security_groups()
+                .filters(f("group-name", "pods"))
+                .send()
+                .await
+                .unwrap();
+            r.security_groups()[0].group_id().unwrap().to_string()
+        }
+    }
+}
+
+fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u32) -> bool {
+    let mask = u32::MAX << (32 - len);
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// Custom networking switched on as users do (issue 17): the ENIConfig CRD applied, one
+/// ENIConfig per node's pod subnet in the VPC's 100.64.0.0/16 block, the nodes annotated,
+/// `kubectl set env` on the DaemonSet. The nodes' pod ENIs in 10.0 drain; new pods get
+/// 100.64 addresses of their node's ENIConfig, reach each other without NAT, are reached
+/// from their node, reach the internet host as their node's primary IP; the SNAT chain
+/// excludes both VPC blocks.
+async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
+    let t0 = Instant::now();
+    // What the earlier checks left running on pod addresses goes first (their ENIs then
+    // drain; CoreDNS stays on its 10.0 address).
+    c.kubectl_ok(&[
+        "delete",
+        "deployment",
+        "web",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    c.kubectl_ok(&[
+        "delete",
+        "pod",
+        "client1",
+        "client2",
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
+    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/eniconfig-crd.yaml");
+    c.kubectl_ok(&["apply", "-f", crd]);
+    c.kubectl_ok(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/eniconfigs.crd.k8s.amazonaws.com",
+    ]);
+    let sg = seeded_id(c, None).await;
+    let nets = [
+        (Ipv4Addr::new(100, 64, 0, 0), 19),
+        (Ipv4Addr::new(100, 64, 32, 0), 19),
+    ];
+    for i in 0..2 {
+        let subnet = seeded_id(c, Some(&format!("pods-{i}"))).await;
+        apply(
+            c,
+            &format!(
+                "apiVersion: crd.k8s.amazonaws.com/v1alpha1\nkind: ENIConfig\nmetadata:\n  name: pods-{i}\nspec:\n  subnet: {subnet}\n  securityGroups: [{sg}]\n"
+            ),
+        );
+        c.kubectl_ok(&[
+            "annotate",
+            "node",
+            &node_of(c, i),
+            &format!("k8s.amazonaws.com/eniConfig=pods-{i}"),
+            "--overwrite",
+        ]);
+    }
+    c.kubectl_ok(&[
+        "set",
+        "env",
+        "-n",
+        "kube-system",
+        "daemonset/aws-node",
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true",
+    ]);
+    c.wait_rollout(
+        "kube-system",
+        "daemonset/aws-node",
+        Duration::from_secs(180),
+    );
+    for i in 0..2 {
+        let t = Instant::now();
+        loop {
+            let p = pool(c, i);
+            if p["customNetworking"]["MyENI"] == format!("pods-{i}").as_str()
+                && p["customNetworking"]["problem"].is_null()
+            {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "node{}: {p}", i + 1);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let cn = WEB
+        .replace("web", "cn")
+        .replace("replicas: 24", "replicas: 4");
+    apply(c, &cn);
+    c.wait_rollout("default", "deployment/cn", Duration::from_secs(180));
+    let running = pods(c, "app=cn");
+    assert_eq!(running.len(), 4, "{running:?}");
+    let enis = c.lab.enis().await;
+    for (pod, (node, ip)) in &running {
+        let i: usize = node.trim_start_matches("node").parse::<usize>().unwrap() - 1;
+        let (net, len) = nets[i];
+        assert!(
+            in_cidr(*ip, net, len),
+            "{pod} on {node}: {ip} is not in pods-{i}'s {net}/{len}"
+        );
+        let eni = enis
+            .iter()
+            .find(|e| e.addresses.contains(ip))
+            .unwrap_or_else(|| panic!("{pod}: {ip} on no ENI"));
+        assert!(
+            eni.device > 0 && eni.instance == c.lab.nodes[i].instance,
+            "{pod}: {ip} on {}",
+            eni.id
+        );
+        let d = c
+            .lab
+            .ec2
+            .describe_network_interfaces()
+            .network_interface_ids(&eni.id)
+            .send()
+            .await
+            .unwrap();
+        let groups: Vec<&str> = d.network_interfaces()[0]
+            .groups()
+            .iter()
+            .filter_map(|g| g.group_id())
+            .collect();
+        assert_eq!(groups, vec![sg.as_str()], "{pod}: {}'s groups", eni.id);
+    }
+    // Pod to pod across nodes without NAT.
+    apply(c, &client("cn-client", &node_of(c, 0)));
+    c.wait_pods_ready("default", &["cn-client"], Duration::from_secs(60));
+    let (_, me) = c.pod_ip("default", "cn-client");
+    assert!(in_cidr(me, nets[0].0, nets[0].1), "cn-client: {me}");
+    let far = running
+        .iter()
+        .find(|(_, (n, _))| *n == node_of(c, 1))
+        .unwrap();
+    let (seen, server) =
+        ask_from_pod(c, "cn-client", &far.1.1.to_string(), 8080).expect("pod to pod");
+    assert_eq!(
+        (seen.as_str(), server.as_str()),
+        (me.to_string().as_str(), far.0.as_str()),
+        "no NAT between pods"
+    );
+    // Node to its pod.
+    let near = running
+        .iter()
+        .find(|(_, (n, _))| *n == node_of(c, 0))
+        .unwrap();
+    let (seen, _) = ask_from_ns(
+        &c.lab.nodes[0].ns_path(),
+        SocketAddr::new(near.1.1.into(), 8080),
+    )
+    .expect("node to pod");
+    assert_eq!(seen, c.lab.nodes[0].primary_ip.to_string());
+    // Pod to the internet host: as the node's primary IP.
+    let inet = format!("/var/run/netns/{}", c.lab.internet);
+    let listener = std::thread::spawn(move || {
+        in_netns(&inet, || {
+            let l = TcpListener::bind("0.0.0.0:7001").unwrap();
+            let (_, peer) = l.accept().unwrap();
+            peer.ip().to_string()
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = c.exec(
+        "default",
+        "cn-client",
+        &format!("echo hi | nc -w 3 {INTERNET_ADDR} 7001"),
+    );
+    assert_eq!(
+        listener.join().unwrap(),
+        c.lab.nodes[0].primary_ip.to_string(),
+        "SNAT to the node's address"
+    );
+    // Neither VPC block is SNATed.
+    let save = iptables_save(c, 0);
+    for block in ["10.0.0.0/16", "100.64.0.0/16"] {
+        assert!(
+            save.lines().any(|l| l.starts_with("-A AWS-SNAT-CHAIN-0")
+                && l.contains(&format!("-d {block}"))
+                && l.contains("RETURN")),
+            "AWS-SNAT-CHAIN-0 does not exclude {block}:\n{save}"
+        );
+    }
+    eprintln!(
+        "custom networking: 4 pods on 100.64 subnets of their nodes' ENIConfigs, checked in {:?}",
+        t0.elapsed()
+    );
 }
