@@ -331,6 +331,17 @@ impl Ec2 for SdkEc2 {
         Ok(())
     }
 
+    async fn set_security_groups(&self, eni: &str, groups: &[String]) -> CloudResult<()> {
+        self.client
+            .modify_network_interface_attribute()
+            .network_interface_id(eni)
+            .set_groups(Some(groups.to_vec()))
+            .send()
+            .await
+            .map_err(|e| err("ModifyNetworkInterfaceAttribute", e))?;
+        Ok(())
+    }
+
     async fn detach_eni(&self, attachment: &str) -> CloudResult<()> {
         self.client
             .detach_network_interface()
@@ -525,6 +536,9 @@ impl Ec2 for LateEc2 {
     }
     async fn set_delete_on_termination(&self, eni: &str, attachment: &str) -> CloudResult<()> {
         self.get()?.set_delete_on_termination(eni, attachment).await
+    }
+    async fn set_security_groups(&self, eni: &str, groups: &[String]) -> CloudResult<()> {
+        self.get()?.set_security_groups(eni, groups).await
     }
     async fn detach_eni(&self, attachment: &str) -> CloudResult<()> {
         self.get()?.detach_eni(attachment).await

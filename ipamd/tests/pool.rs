@@ -632,3 +632,102 @@ async fn a_pod_that_lives_a_second_costs_no_eni_() {
         d.log()
     );
 }
+
+fn calls(emu: &Emulator, action: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&emu.control("GET", "/_emulator/calls", "")).unwrap();
+    v[action].as_u64().unwrap_or(0)
+}
+
+/// The security groups of the instance's ENIs by device.
+async fn groups_by_device(emu: &Emulator, instance: &str) -> Vec<Vec<String>> {
+    let (ec2, _) = ec2_instance(emu, instance).await;
+    let r = ec2_emulator_sdk_check::attached_enis(&ec2, instance)
+        .await
+        .unwrap();
+    let mut v: Vec<(i32, Vec<String>)> = r
+        .network_interfaces()
+        .iter()
+        .map(|n| {
+            let mut g: Vec<String> = n
+                .groups()
+                .iter()
+                .filter_map(|g| g.group_id().map(str::to_string))
+                .collect();
+            g.sort();
+            (
+                n.attachment().and_then(|a| a.device_index()).unwrap_or(-1),
+                g,
+            )
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, g)| g).collect()
+}
+
+#[test]
+fn secondary_enis_follow_the_primary_enis_security_groups() {
+    in_node_ns(
+        "pool-sg",
+        secondary_enis_follow_the_primary_enis_security_groups_,
+    )
+}
+
+async fn secondary_enis_follow_the_primary_enis_security_groups_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let (ec2, inst) = ec2_instance(&emu, &id).await;
+    let d = Ipamd::start(&emu, &[("WARM_IP_TARGET", "12")]);
+    // 12 spare on an m5.large: the primary's 9 and a second ENI.
+    let got = eventually(Duration::from_secs(20), 2, async || {
+        groups_by_device(&emu, &id).await.len()
+    })
+    .await;
+    assert_eq!(got, 2, "{}", d.log());
+    let g = groups_by_device(&emu, &id).await;
+    assert_eq!(g[1], g[0], "a new ENI carries the primary's groups");
+    // The user adds a group to the node's primary ENI.
+    let extra = ec2
+        .create_security_group()
+        .group_name("extra")
+        .description("extra")
+        .vpc_id(inst.vpc_id().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let primary = inst.network_interfaces()[0]
+        .network_interface_id()
+        .unwrap()
+        .to_string();
+    let mut want = g[0].clone();
+    want.push(extra);
+    want.sort();
+    // (The new ENI's DeleteOnTermination, the same action, done first.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = calls(&emu, "ModifyNetworkInterfaceAttribute");
+    ec2.modify_network_interface_attribute()
+        .network_interface_id(&primary)
+        .set_groups(Some(want.clone()))
+        .send()
+        .await
+        .unwrap();
+    let got = eventually(
+        Duration::from_secs(15),
+        vec![want.clone(), want.clone()],
+        async || groups_by_device(&emu, &id).await,
+    )
+    .await;
+    assert_eq!(got, vec![want.clone(), want], "{}", d.log());
+    // One call of ours for the one secondary ENI (the user's own call counted too), and
+    // none while nothing changes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        calls(&emu, "ModifyNetworkInterfaceAttribute") - before,
+        2,
+        "{}",
+        d.log()
+    );
+}

@@ -893,6 +893,14 @@ impl Ec2 for NodeCloud {
             Id
         )
     }
+    async fn set_security_groups(&self, _: &str, _: &[String]) -> CloudResult<()> {
+        // The model keeps no security groups: the same metered call, no state.
+        answer!(
+            self.call("ModifyNetworkInterfaceAttribute", Op::DeleteOnTermination)
+                .await,
+            Unit
+        )
+    }
     async fn set_delete_on_termination(&self, _: &str, _: &str) -> CloudResult<()> {
         answer!(
             self.call("ModifyNetworkInterfaceAttribute", Op::DeleteOnTermination)

@@ -402,6 +402,14 @@ impl<E: Ec2> Ec2 for Budgeted<E> {
         )
         .await
     }
+    async fn set_security_groups(&self, e: &str, g: &[String]) -> CloudResult<()> {
+        self.call(
+            "ModifyNetworkInterfaceAttribute",
+            Family::EniLifecycle,
+            || self.inner.set_security_groups(e, g),
+        )
+        .await
+    }
     async fn detach_eni(&self, a: &str) -> CloudResult<()> {
         self.call("DetachNetworkInterface", Family::EniLifecycle, || {
             self.inner.detach_eni(a)

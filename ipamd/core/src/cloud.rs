@@ -154,6 +154,8 @@ pub trait Ec2: Send + Sync {
     /// ModifyNetworkInterfaceAttribute (Attachment.DeleteOnTermination = true)
     async fn set_delete_on_termination(&self, eni_id: &str, attachment_id: &str)
     -> CloudResult<()>;
+    /// ModifyNetworkInterfaceAttribute (Groups): the ENI's security groups.
+    async fn set_security_groups(&self, eni_id: &str, groups: &[String]) -> CloudResult<()>;
     /// DetachNetworkInterface
     async fn detach_eni(&self, attachment_id: &str) -> CloudResult<()>;
     /// DeleteNetworkInterface

@@ -165,7 +165,7 @@ impl Node {
         };
         let id = self.known().map_err(|e| e.to_string())?;
         let sgs = if cfg.security_groups.is_empty() {
-            id.primary_sgs.clone()
+            self.primary_sgs()
         } else {
             cfg.security_groups.clone()
         };

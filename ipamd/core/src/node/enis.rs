@@ -245,10 +245,7 @@ impl Node {
                         .await
                         .map_err(|why| CloudError::new("ipamd", "ENIConfig", why))?
                 } else {
-                    (
-                        self.subnet_for_new_eni(inst).await,
-                        inst.primary_sgs.clone(),
-                    )
+                    (self.subnet_for_new_eni(inst).await, self.primary_sgs())
                 };
                 let created = self
                     .ec2
@@ -378,6 +375,77 @@ impl Node {
             }
             self.pool.lock().unwrap().waiting_for_link.remove(&id);
             self.addresses_added.notify_waiters();
+        }
+    }
+
+    /// The primary ENI's security groups, as IMDS last said them.
+    pub fn primary_sgs(&self) -> Vec<String> {
+        self.primary_sgs.read().unwrap().clone()
+    }
+
+    /// Outside custom networking, secondary ENIs carry the primary ENI's security groups
+    /// (as upstream, which compares them every 30 s): from IMDS, which is not metered, so a
+    /// node whose groups do not change spends nothing; a change reaches every secondary
+    /// ENI within a reconcile interval, one ModifyNetworkInterfaceAttribute each.
+    pub(super) async fn follow_primary_security_groups(&self, imds: &[crate::cloud::EniInfo]) {
+        let Some(inst) = self.identity() else {
+            return;
+        };
+        let Some(p) = imds.iter().find(|e| e.mac == inst.meta.primary_mac) else {
+            return;
+        };
+        if p.security_groups.is_empty() {
+            return;
+        }
+        let mut want = p.security_groups.clone();
+        want.sort();
+        {
+            let mut cur = self.primary_sgs.write().unwrap();
+            let mut had = cur.clone();
+            had.sort();
+            if had != want {
+                info!("the primary ENI's security groups are now {want:?}");
+                *cur = p.security_groups.clone();
+            }
+        }
+        if self.cfg.custom_network_cfg {
+            return;
+        }
+        let ours: std::collections::BTreeSet<String> = self
+            .store
+            .lock()
+            .unwrap()
+            .enis()
+            .map(|e| e.id.clone())
+            .collect();
+        for e in imds
+            .iter()
+            .filter(|e| e.mac != inst.meta.primary_mac && ours.contains(&e.id))
+        {
+            let mut have = e.security_groups.clone();
+            have.sort();
+            if have == want || self.sgs_given.lock().unwrap().get(&e.id) == Some(&want) {
+                continue;
+            }
+            match self.ec2.set_security_groups(&e.id, &want).await {
+                Ok(()) => {
+                    info!(
+                        "{}: security groups {have:?} -> {want:?} (the primary ENI's)",
+                        e.id
+                    );
+                    self.sgs_given
+                        .lock()
+                        .unwrap()
+                        .insert(e.id.clone(), want.clone());
+                }
+                Err(err) => {
+                    self.metrics.error("setSecurityGroupsFailed");
+                    warn!(
+                        "{}: setting the primary ENI's security groups failed: {err}",
+                        e.id
+                    );
+                }
+            }
         }
     }
 

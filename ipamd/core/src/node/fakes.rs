@@ -85,6 +85,9 @@ impl Ec2 for NoEc2 {
     async fn set_delete_on_termination(&self, _: &str, _: &str) -> CloudResult<()> {
         none()
     }
+    async fn set_security_groups(&self, _: &str, _: &[String]) -> CloudResult<()> {
+        none()
+    }
     async fn detach_eni(&self, _: &str) -> CloudResult<()> {
         none()
     }

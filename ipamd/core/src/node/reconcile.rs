@@ -153,6 +153,7 @@ impl Node {
         let t_imds = t0.elapsed();
         let imds_failed = imds.is_err();
         let imds_enis = imds.unwrap_or_default();
+        self.follow_primary_security_groups(&imds_enis).await;
         if let Some(p) = imds_enis.iter().find(|e| e.mac == inst.meta.primary_mac)
             && !p.vpc_cidrs.is_empty()
             && self.vpc_cidrs() != p.vpc_cidrs
