@@ -30,10 +30,10 @@ def node():
 
 def test_every_manifest_passes_the_kubernetes_schema_strictly():
     files = sorted(glob.glob(os.path.join(DEPLOY, "*.yaml")))
-    assert len(files) == 2, files
+    assert len(files) == 3, files
     out = subprocess.run(["kubernetes-validate", "--strict", *files], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("passed") == 5, out.stdout
+    assert out.stdout.count("passed") == 7, out.stdout
 
 
 def test_the_schema_check_catches_a_misplaced_field(node, tmp_path):
@@ -175,6 +175,20 @@ def test_rbac_is_least_privilege_and_follows_the_code(node):
         assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
         env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["MY_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_annotate_pod_ip_grants_patch_on_pods_and_nothing_else(node):
+    """ANNOTATE_POD_IP's own grant, applied only with the knob: patch on pods, bound to
+    aws-node's ServiceAccount; the main role never touches pods."""
+    extra = by_kind(load("rbac-annotate-pod-ip.yaml"))
+    role, binding = extra["ClusterRole"], extra["ClusterRoleBinding"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    sa = node["ServiceAccount"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
+    assert all("pods" not in r["resources"] for r in node["ClusterRole"]["rules"])
+    src = open(os.path.join(ROOT, "ipamd/src/kube.rs")).read()
+    assert "ANNOTATE_POD_IP" in src and "vpc.amazonaws.com/pod-ips" in src
 
 
 def test_eniconfig_crd_matches_upstream():

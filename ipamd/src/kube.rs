@@ -56,6 +56,9 @@ pub fn check(
 ) -> Result<Option<&'static str>, String> {
     let configured = |k: &str| get(k).is_some_and(|v| !v.is_empty());
     let api = configured("KUBERNETES_SERVICE_HOST") || configured("KUBECONFIG");
+    if cfg.annotate_pod_ip && !api {
+        return Err("ANNOTATE_POD_IP=\"true\" is invalid without the Kubernetes API: the annotation is written through it (in a pod KUBERNETES_SERVICE_HOST is set; elsewhere set KUBECONFIG)".into());
+    }
     if cfg.custom_network_cfg && !api {
         return Err("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=\"true\" is invalid without the Kubernetes API: the node's ENIConfig is read from it (in a pod KUBERNETES_SERVICE_HOST is set; elsewhere set KUBECONFIG)".into());
     }
@@ -65,6 +68,9 @@ pub fn check(
         ));
     }
     if cfg.node_name.is_empty() {
+        if cfg.annotate_pod_ip {
+            return Err("MY_NODE_NAME=\"\" is invalid: the name of this node (the DaemonSet sets it from spec.nodeName), needed with ANNOTATE_POD_IP=true".into());
+        }
         if cfg.custom_network_cfg {
             return Err("MY_NODE_NAME=\"\" is invalid: the name of this node (the DaemonSet sets it from spec.nodeName), needed to read its ENIConfig (AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true)".into());
         }
@@ -181,6 +187,60 @@ fn eni_config_resource() -> ApiResource {
         api_version: "crd.k8s.amazonaws.com/v1alpha1".into(),
         kind: "ENIConfig".into(),
         plural: "eniconfigs".into(),
+    }
+}
+
+/// The annotation ANNOTATE_POD_IP writes (upstream's name).
+pub const POD_IPS_ANNOTATION: &str = "vpc.amazonaws.com/pod-ips";
+
+/// ANNOTATE_POD_IP: writes each pod's address on it as it is assigned and removes it when
+/// released, one merge patch each, in the order they happened, off the pods' path (a slow or
+/// refusing API delays only the annotation). A pod the API does not know is skipped.
+/// Needs `patch` on pods: `deploy/rbac-annotate-pod-ip.yaml`.
+pub async fn annotate_pods(
+    client: Client,
+    mut notes: tokio::sync::mpsc::UnboundedReceiver<ipamd_core::node::PodIpNote>,
+) {
+    info!("ANNOTATE_POD_IP: writing {POD_IPS_ANNOTATION} on pods");
+    let mut failing = false;
+    while let Some(n) = notes.recv().await {
+        let api: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(client.clone(), &n.pod.namespace);
+        let value = n.ip.map(|ip| ip.to_string());
+        let patch = serde_json::json!({"metadata": {"annotations": {POD_IPS_ANNOTATION: value}}});
+        let mut wait = std::time::Duration::from_millis(200);
+        for attempt in 1..=3 {
+            match api
+                .patch(
+                    &n.pod.name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    if failing {
+                        info!("annotating pods works again");
+                        failing = false;
+                    }
+                    break;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => break,
+                Err(e) if attempt == 3 => {
+                    if !failing {
+                        warn!(
+                            "annotating pod {}/{} with {POD_IPS_ANNOTATION}={value:?}: {e}",
+                            n.pod.namespace, n.pod.name
+                        );
+                        failing = true;
+                    }
+                }
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
     }
 }
 
@@ -485,6 +545,12 @@ mod tests {
             ("MY_NODE_NAME", "n1"),
         ]);
         assert_eq!(check(&manage_named, env(&in_pod)), Ok(None));
+        // ANNOTATE_POD_IP too.
+        let annotate = cfg(&[("ANNOTATE_POD_IP", "true")]);
+        let err = check(&annotate, env(none)).err().unwrap();
+        assert!(err.starts_with("ANNOTATE_POD_IP="), "{err}");
+        let err = check(&annotate, env(&in_pod)).err().unwrap();
+        assert!(err.starts_with("MY_NODE_NAME="), "{err}");
         // Custom networking needs the API and the node's name.
         let custom = cfg(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]);
         let err = check(&custom, env(none)).err().unwrap();

@@ -242,6 +242,11 @@ async fn daemon() -> ExitCode {
             if cordon {
                 node.set_schedule(ipamd_core::node::Schedule::Pending);
             }
+            if node.cfg.annotate_pod_ip {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                node.set_pod_ip_sink(tx);
+                tokio::spawn(kube::annotate_pods(client.clone(), rx));
+            }
             Some(tokio::spawn(kube::watch(
                 node.clone(),
                 client,

@@ -512,6 +512,13 @@ async fn an_eni_whose_link_never_appears_is_waited_for_not_attached_again_() {
     // The hypervisor never shows the ENI attached at device 1.
     d.hotplug.as_ref().unwrap().withhold(1);
     let c = d.client().await;
+    // The primary ENI filled first (the short AddNetwork wait is for the ENI's link, not
+    // for the first assign on a loaded machine).
+    let free = eventually(Duration::from_secs(20), serde_json::json!(9), async || {
+        pool_json()["free"].clone()
+    })
+    .await;
+    assert_eq!(free, 9, "{}", d.log());
     // WARM_ENI_TARGET=1: 9 addresses spare; 2 pods make ipamd attach a second ENI.
     for i in 0..2 {
         assert!(c.add(&format!("p{i}")).await.unwrap().success);

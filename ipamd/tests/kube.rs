@@ -511,3 +511,58 @@ async fn the_pool_holds_no_more_than_kubelets_pod_capacity_() {
         d.log()
     );
 }
+
+#[test]
+fn annotate_pod_ip_writes_and_clears_the_pods_address() {
+    in_node_ns("kube", annotate_pod_ip_writes_and_clears_the_pods_address_)
+}
+
+async fn annotate_pod_ip_writes_and_clears_the_pods_address_() {
+    const KEY: &str = "vpc.amazonaws.com/pod-ips";
+    let emu = Emulator::start();
+    emu.seed(&["--type", "m5.large"]);
+    let k = k8s::K8s::start().await;
+    k.register_node(NODE, false).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    // The manifest's role, and the knob's own grant (patch on pods) beside it.
+    let (ns, sa) = k.apply_rbac(&root.join("aws-node.yaml")).await;
+    k.apply_rbac_extra(&root.join("rbac-annotate-pod-ip.yaml"))
+        .await;
+    let token = k.token(&ns, &sa).await;
+    let kubeconfig = k.kubeconfig("aws-node", &token);
+    k.create_pod("pod-a1").await;
+    let d = Ipamd::start(
+        &emu,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("MY_NODE_NAME", NODE),
+            ("ANNOTATE_POD_IP", "true"),
+        ],
+    );
+    let c = d.client().await;
+    let r = c.add("a1").await.unwrap();
+    assert!(r.success, "{r:?}\n{}", d.log());
+    let ip = r.ip_allocation_metadata[0].i_pv4_addr.clone();
+    let got = eventually(Duration::from_secs(10), Some(ip.clone()), async || {
+        k.pod_annotation("pod-a1", KEY).await
+    })
+    .await;
+    assert_eq!(got, Some(ip), "{}", d.log());
+    // A pod the API does not know (a static pod's sandbox before its mirror): served all
+    // the same, at once.
+    let t0 = std::time::Instant::now();
+    let r = c.add("ghost").await.unwrap();
+    assert!(r.success && t0.elapsed() < Duration::from_secs(2), "{r:?}");
+    // Released: the annotation goes.
+    c.del("a1").await.unwrap();
+    let got = eventually(Duration::from_secs(10), None, async || {
+        k.pod_annotation("pod-a1", KEY).await
+    })
+    .await;
+    assert_eq!(got, None, "{}", d.log());
+    let log = d.log();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "{log}"
+    );
+}

@@ -43,6 +43,8 @@ pub struct Config {
     pub disable_leaked_eni_cleanup: bool,
     pub disable_network_resource_provisioning: bool,
     pub manage_enis_non_schedulable: bool,
+    /// ANNOTATE_POD_IP: the pod's `vpc.amazonaws.com/pod-ips` annotation follows its address.
+    pub annotate_pod_ip: bool,
     pub cluster_name: String,
     pub additional_eni_tags: BTreeMap<String, String>,
     pub ec2_endpoint: Option<String>,
@@ -228,6 +230,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         disable_network_resource_provisioning: r
             .bool("DISABLE_NETWORK_RESOURCE_PROVISIONING", false)?,
         manage_enis_non_schedulable: r.bool("AWS_MANAGE_ENIS_NON_SCHEDULABLE", false)?,
+        annotate_pod_ip: r.bool("ANNOTATE_POD_IP", false)?,
         cluster_name: r.string("CLUSTER_NAME", ""),
         additional_eni_tags,
         ec2_endpoint: r.get("AWS_EC2_ENDPOINT").filter(|s| !s.is_empty()),

@@ -654,6 +654,9 @@ impl Datastore {
 
     /// Free addresses on ENIs that serve no new pod.
     fn closed_free(&self) -> usize {
+        if self.serving == Serving::default() {
+            return 0;
+        }
         self.free
             .iter()
             .filter(|((_, id), _)| self.enis.get(id).is_none_or(|e| !self.serving.serves(e)))
@@ -920,12 +923,17 @@ mod tests {
         assert_eq!(
             d.assign(&key("c"), &PodRef::default(), 0).unwrap_err(),
             StoreError::NoFreeAddress,
-            "10.0.0.2 on the primary ENI is not a pod's"
+            "the primary ENI's free address is not a pod's"
         );
         assert_eq!(d.get(&key("old")).unwrap().ip, old.ip);
+        let idle: Ipv4Addr = if old.ip.to_string() == "10.0.0.1" {
+            "10.0.0.2".parse().unwrap()
+        } else {
+            "10.0.0.1".parse().unwrap()
+        };
         assert_eq!(
             d.idle_ips_on_closed_primary(),
-            vec![("eni-0".to_string(), "10.0.0.2".parse().unwrap())],
+            vec![("eni-0".to_string(), idle)],
             "the primary's free address may go back to EC2; its pod's stays"
         );
         // The config moves on: eni-1 drains, the primary's free address still is not served.

@@ -263,6 +263,32 @@ impl K8s {
             .unwrap();
     }
 
+    /// A pod object in `default` (never scheduled: the API holds it as a kubelet would see it).
+    pub async fn create_pod(&self, name: &str) {
+        // Admission wants the namespace's default account (no controller-manager makes it here).
+        let sas: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), "default");
+        if sas.get_opt("default").await.unwrap().is_none() {
+            let sa = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+            sas.create(&PostParams::default(), &sa).await.unwrap();
+        }
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.admin.clone(), "default");
+        let pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "lab.local/pause:1"}]},
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+
+    /// The pod's annotation `key`, if set.
+    pub async fn pod_annotation(&self, name: &str, key: &str) -> Option<String> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.admin.clone(), "default");
+        let p = pods.get(name).await.unwrap();
+        p.metadata.annotations.and_then(|a| a.get(key).cloned())
+    }
+
     /// Creates the ServiceAccount, ClusterRole and ClusterRoleBinding of a manifest
     /// file as they are written there; returns the account's (namespace, name).
     pub async fn apply_rbac(&self, manifest: &Path) -> (String, String) {
@@ -300,6 +326,32 @@ impl K8s {
             }
         }
         account.expect("a ServiceAccount in the manifest")
+    }
+
+    /// Creates the ClusterRoles and ClusterRoleBindings of a manifest file (no account).
+    pub async fn apply_rbac_extra(&self, manifest: &Path) {
+        let text = std::fs::read_to_string(manifest).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let pp = PostParams::default();
+        for doc in docs {
+            match doc["kind"].as_str().unwrap_or_default() {
+                "ClusterRole" => {
+                    let r: ClusterRole = serde_json::from_value(doc).unwrap();
+                    Api::<ClusterRole>::all(self.admin.clone())
+                        .create(&pp, &r)
+                        .await
+                        .unwrap();
+                }
+                "ClusterRoleBinding" => {
+                    let b: ClusterRoleBinding = serde_json::from_value(doc).unwrap();
+                    Api::<ClusterRoleBinding>::all(self.admin.clone())
+                        .create(&pp, &b)
+                        .await
+                        .unwrap();
+                }
+                other => panic!("{other} in {}", manifest.display()),
+            }
+        }
     }
 
     /// A token of the service account (TokenRequest, as the kubelet mounts one).

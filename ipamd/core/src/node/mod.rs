@@ -234,6 +234,13 @@ pub struct Node {
     /// Custom networking: the node's ENIConfig, and every one the API holds.
     eni_config: Mutex<EniConfigState>,
     eni_configs_seen: Mutex<Vec<EniConfig>>,
+    /// The primary ENI's security groups as IMDS last said them, and the groups ipamd last
+    /// gave each secondary ENI (not asked again while IMDS lags).
+    primary_sgs: RwLock<Vec<String>>,
+    sgs_given: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// ANNOTATE_POD_IP: where a pod's address (or its release) is sent to be written on the
+    /// pod; never awaited on a pod's path.
+    pod_ip_sink: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PodIpNote>>>,
     /// kubelet's `status.capacity.pods` (0: not known).
     kubelet_max_pods: AtomicU32,
     pool: Mutex<pool_loop::LoopState>,
@@ -241,6 +248,32 @@ pub struct Node {
     pub timing: Timing,
     checkpoint_path: PathBuf,
     pub metrics: Metrics,
+}
+
+/// A pod's address to write on it (`None`: released).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIpNote {
+    pub pod: crate::datastore::PodRef,
+    pub ip: Option<Ipv4Addr>,
+}
+
+impl Node {
+    /// ANNOTATE_POD_IP: pods' addresses go to `tx` from now on.
+    pub fn set_pod_ip_sink(&self, tx: tokio::sync::mpsc::UnboundedSender<PodIpNote>) {
+        *self.pod_ip_sink.lock().unwrap() = Some(tx);
+    }
+
+    pub(super) fn note_pod_ip(&self, pod: &crate::datastore::PodRef, ip: Option<Ipv4Addr>) {
+        if pod.name.is_empty() {
+            return;
+        }
+        if let Some(tx) = &*self.pod_ip_sink.lock().unwrap() {
+            let _ = tx.send(PodIpNote {
+                pod: pod.clone(),
+                ip,
+            });
+        }
+    }
 }
 
 pub(super) fn store_eni(e: &EniInfo, is_primary: bool) -> Eni {

@@ -65,6 +65,7 @@ impl Node {
                 if wake {
                     self.wake_pool.notify_one();
                 }
+                self.note_pod_ip(&pod, Some(a.ip));
                 return Ok(AddOutcome::Assigned(a));
             }
             // Counted before the pool is woken: it sizes what it fetches for waiting pods
@@ -127,6 +128,8 @@ impl Node {
         if wake {
             self.wake_pool.notify_one();
         }
+        let owner = if a.pod.name.is_empty() { pod } else { &a.pod };
+        self.note_pod_ip(owner, None);
         Ok(Some(a))
     }
 

@@ -170,6 +170,9 @@ impl Node {
             eni_config: Mutex::new(super::EniConfigState::Pending),
             eni_configs_seen: Mutex::new(vec![]),
             kubelet_max_pods: AtomicU32::new(0),
+            pod_ip_sink: Mutex::new(None),
+            primary_sgs: RwLock::new(vec![]),
+            sgs_given: Mutex::new(Default::default()),
             ops_since_compact: AtomicU64::new(0),
             pool: Mutex::new(Default::default()),
             reconciler: Mutex::new(Default::default()),
@@ -209,6 +212,7 @@ impl Node {
             meta,
         };
         *self.vpc_cidrs.write().unwrap() = primary.map(|p| p.vpc_cidrs.clone()).unwrap_or_default();
+        *self.primary_sgs.write().unwrap() = identity.primary_sgs.clone();
         let primary_id = primary.map(|p| p.id.clone());
         let mut refused = Vec::new();
         let orphans = {
