@@ -409,6 +409,18 @@ async fn custom_networking_follows_the_nodes_eni_config_() {
     // node's groups; the old subnet's ENI serves no new pod.
     k.put_eni_config("pods-b", json!({"subnet": subnets[1]}))
         .await;
+    // (Once ipamd's watch has seen it: the API answers the write before the event.)
+    let seen = eventually(Duration::from_secs(10), true, async || {
+        pool()["customNetworking"]["problem"].is_null()
+    })
+    .await;
+    assert!(
+        seen,
+        "{}
+{}",
+        pool(),
+        d.log()
+    );
     let r3 = c.add("p3").await.unwrap();
     assert!(
         r3.success && in_subnet(&r3.ip_allocation_metadata[0].i_pv4_addr, "100.64.32.0/19"),
