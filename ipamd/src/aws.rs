@@ -162,6 +162,16 @@ fn filter(name: &str, value: &str) -> Filter {
     Filter::builder().name(name).values(value).build()
 }
 
+/// A subnet as DescribeSubnets answers it (`None` without an id or a CIDR).
+fn subnet_info(s: &aws_sdk_ec2::types::Subnet) -> Option<SubnetInfo> {
+    Some(SubnetInfo {
+        id: s.subnet_id()?.to_string(),
+        cidr: parse_cidr(s.cidr_block()?)?,
+        availability_zone: s.availability_zone().unwrap_or_default().to_string(),
+        available_addresses: s.available_ip_address_count().unwrap_or(0).max(0) as u32,
+    })
+}
+
 #[async_trait]
 impl Ec2 for SdkEc2 {
     async fn instance_type_limits(&self, t: &str) -> CloudResult<Limits> {
@@ -211,18 +221,7 @@ impl Ec2 for SdkEc2 {
             .send()
             .await
             .map_err(|e| err("DescribeSubnets", e))?;
-        let subnets: Vec<SubnetInfo> = r
-            .subnets()
-            .iter()
-            .filter_map(|s| {
-                Some(SubnetInfo {
-                    id: s.subnet_id()?.to_string(),
-                    cidr: parse_cidr(s.cidr_block()?)?,
-                    availability_zone: s.availability_zone().unwrap_or_default().to_string(),
-                    available_addresses: s.available_ip_address_count().unwrap_or(0).max(0) as u32,
-                })
-            })
-            .collect();
+        let subnets: Vec<SubnetInfo> = r.subnets().iter().filter_map(subnet_info).collect();
         let mut known = self.subnet_cidrs.lock().unwrap();
         for s in &subnets {
             known.insert(s.id.clone(), s.cidr);
@@ -242,14 +241,7 @@ impl Ec2 for SdkEc2 {
             .subnets()
             .iter()
             .find(|s| s.subnet_id() == Some(id))
-            .and_then(|s| {
-                Some(SubnetInfo {
-                    id: s.subnet_id()?.to_string(),
-                    cidr: parse_cidr(s.cidr_block()?)?,
-                    availability_zone: s.availability_zone().unwrap_or_default().to_string(),
-                    available_addresses: s.available_ip_address_count().unwrap_or(0).max(0) as u32,
-                })
-            })
+            .and_then(subnet_info)
             .ok_or_else(|| {
                 CloudError::new(
                     "DescribeSubnets",

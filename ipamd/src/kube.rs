@@ -180,7 +180,8 @@ pub fn parse_eni_config(o: &DynamicObject) -> Result<EniConfig, String> {
     })
 }
 
-fn eni_config_resource() -> ApiResource {
+/// The ENIConfig resource (`crd.k8s.amazonaws.com/v1alpha1`, cluster-scoped).
+pub fn eni_config_resource() -> ApiResource {
     ApiResource {
         group: "crd.k8s.amazonaws.com".into(),
         version: "v1alpha1".into(),

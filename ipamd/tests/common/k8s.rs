@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 
@@ -167,26 +167,18 @@ impl K8s {
     /// Merge-patches the node's spec (what `kubectl cordon`/`uncordon` and the node
     /// controller's taints write).
     pub async fn patch_node_spec(&self, name: &str, spec: Value) {
-        let nodes: Api<Node> = Api::all(self.admin.clone());
-        nodes
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": spec })),
-            )
-            .await
-            .unwrap();
+        self.patch_node(name, json!({ "spec": spec })).await;
     }
 
     /// Merge-patches the node's metadata (labels, annotations).
     pub async fn patch_node_meta(&self, name: &str, meta: Value) {
+        self.patch_node(name, json!({ "metadata": meta })).await;
+    }
+
+    async fn patch_node(&self, name: &str, patch: Value) {
         let nodes: Api<Node> = Api::all(self.admin.clone());
         nodes
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": meta })),
-            )
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .unwrap();
     }
@@ -228,14 +220,7 @@ impl K8s {
     }
 
     pub fn eni_configs(&self) -> Api<DynamicObject> {
-        let ar = ApiResource {
-            group: "crd.k8s.amazonaws.com".into(),
-            version: "v1alpha1".into(),
-            api_version: "crd.k8s.amazonaws.com/v1alpha1".into(),
-            kind: "ENIConfig".into(),
-            plural: "eniconfigs".into(),
-        };
-        Api::all_with(self.admin.clone(), &ar)
+        Api::all_with(self.admin.clone(), &ipamd::kube::eni_config_resource())
     }
 
     /// Creates or replaces the ENIConfig `name` with this spec.
@@ -292,6 +277,12 @@ impl K8s {
     /// Creates the ServiceAccount, ClusterRole and ClusterRoleBinding of a manifest
     /// file as they are written there; returns the account's (namespace, name).
     pub async fn apply_rbac(&self, manifest: &Path) -> (String, String) {
+        self.create_rbac(manifest)
+            .await
+            .expect("a ServiceAccount in the manifest")
+    }
+
+    async fn create_rbac(&self, manifest: &Path) -> Option<(String, String)> {
         let text = std::fs::read_to_string(manifest).unwrap();
         let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
         let pp = PostParams::default();
@@ -325,33 +316,17 @@ impl K8s {
                 _ => {}
             }
         }
-        account.expect("a ServiceAccount in the manifest")
+        account
     }
 
-    /// Creates the ClusterRoles and ClusterRoleBindings of a manifest file (no account).
+    /// Creates the ClusterRoles and ClusterRoleBindings of a manifest file that grants an
+    /// existing account more (a knob's own RBAC file).
     pub async fn apply_rbac_extra(&self, manifest: &Path) {
-        let text = std::fs::read_to_string(manifest).unwrap();
-        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
-        let pp = PostParams::default();
-        for doc in docs {
-            match doc["kind"].as_str().unwrap_or_default() {
-                "ClusterRole" => {
-                    let r: ClusterRole = serde_json::from_value(doc).unwrap();
-                    Api::<ClusterRole>::all(self.admin.clone())
-                        .create(&pp, &r)
-                        .await
-                        .unwrap();
-                }
-                "ClusterRoleBinding" => {
-                    let b: ClusterRoleBinding = serde_json::from_value(doc).unwrap();
-                    Api::<ClusterRoleBinding>::all(self.admin.clone())
-                        .create(&pp, &b)
-                        .await
-                        .unwrap();
-                }
-                other => panic!("{other} in {}", manifest.display()),
-            }
-        }
+        assert_eq!(
+            self.create_rbac(manifest).await,
+            None,
+            "an extra grant makes no account"
+        );
     }
 
     /// A token of the service account (TokenRequest, as the kubelet mounts one).
