@@ -396,23 +396,8 @@ fn traffic_without_nat_and_to_the_internet(
     .expect("node to pod");
     assert_eq!(seen, c.lab.nodes[0].primary_ip.to_string());
     // Pod to the internet host: from the node's primary address (SNAT).
-    let inet = format!("/var/run/netns/{}", c.lab.internet);
-    let listener = std::thread::spawn(move || {
-        in_netns(&inet, || {
-            let l = TcpListener::bind("0.0.0.0:7000").unwrap();
-            l.set_nonblocking(false).unwrap();
-            let (_, peer) = l.accept().unwrap();
-            peer.ip().to_string()
-        })
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = c.exec(
-        "default",
-        "client1",
-        &format!("echo hi | nc -w 3 {INTERNET_ADDR} 7000"),
-    );
     assert_eq!(
-        listener.join().unwrap(),
+        internet_sees(c, "client1", 7000),
         c.lab.nodes[0].primary_ip.to_string(),
         "SNAT to the node's address"
     );
@@ -824,6 +809,25 @@ async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
     }
 }
 
+/// What the internet host sees as the source of a connection from `pod` to its `port`.
+fn internet_sees(c: &Cluster, pod: &str, port: u16) -> String {
+    let inet = format!("/var/run/netns/{}", c.lab.internet);
+    let listener = std::thread::spawn(move || {
+        in_netns(&inet, move || {
+            let l = TcpListener::bind(("0.0.0.0", port)).unwrap();
+            let (_, peer) = l.accept().unwrap();
+            peer.ip().to_string()
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = c.exec(
+        "default",
+        pod,
+        &format!("echo hi | nc -w 3 {INTERNET_ADDR} {port}"),
+    );
+    listener.join().unwrap()
+}
+
 /// The EC2 id of what the emulator's seed named `name` (a subnet, or the pods group).
 async fn seeded_id(c: &Cluster, subnet_name: Option<&str>) -> String {
     let f = |k: &str, v: &str| {
@@ -1010,22 +1014,8 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
     .expect("node to pod");
     assert_eq!(seen, c.lab.nodes[0].primary_ip.to_string());
     // Pod to the internet host: as the node's primary IP.
-    let inet = format!("/var/run/netns/{}", c.lab.internet);
-    let listener = std::thread::spawn(move || {
-        in_netns(&inet, || {
-            let l = TcpListener::bind("0.0.0.0:7001").unwrap();
-            let (_, peer) = l.accept().unwrap();
-            peer.ip().to_string()
-        })
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = c.exec(
-        "default",
-        "cn-client",
-        &format!("echo hi | nc -w 3 {INTERNET_ADDR} 7001"),
-    );
     assert_eq!(
-        listener.join().unwrap(),
+        internet_sees(c, "cn-client", 7001),
         c.lab.nodes[0].primary_ip.to_string(),
         "SNAT to the node's address"
     );
