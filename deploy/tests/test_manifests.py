@@ -30,10 +30,10 @@ def node():
 
 def test_every_manifest_passes_the_kubernetes_schema_strictly():
     files = sorted(glob.glob(os.path.join(DEPLOY, "*.yaml")))
-    assert len(files) == 3, files
+    assert len(files) == 5, files
     out = subprocess.run(["kubernetes-validate", "--strict", *files], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("passed") == 7, out.stdout
+    assert out.stdout.count("passed") == 10, out.stdout
 
 
 def test_the_schema_check_catches_a_misplaced_field(node, tmp_path):
@@ -189,6 +189,39 @@ def test_annotate_pod_ip_grants_patch_on_pods_and_nothing_else(node):
     assert all("pods" not in r["resources"] for r in node["ClusterRole"]["rules"])
     src = open(os.path.join(ROOT, "ipamd/src/kube.rs")).read()
     assert "ANNOTATE_POD_IP" in src and "vpc.amazonaws.com/pod-ips" in src
+
+
+def test_custom_networking_grants_events_and_cninodes_and_nothing_else(node):
+    """AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG's own grant, applied only with the knob: create on
+    events (the node's event about its ENIConfig) and get/create/patch on cninodes (the
+    CustomNetworking feature), bound to aws-node's ServiceAccount."""
+    extra = by_kind(load("rbac-custom-networking.yaml"))
+    role, binding = extra["ClusterRole"], extra["ClusterRoleBinding"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["vpcresources.k8s.aws"], "resources": ["cninodes"], "verbs": ["get", "create", "patch"]},
+    ]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    sa = node["ServiceAccount"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
+    main = node["ClusterRole"]["rules"]
+    assert all("events" not in r["resources"] and "cninodes" not in r["resources"] for r in main)
+    src = open(os.path.join(ROOT, "ipamd/src/kube.rs")).read()
+    assert "rbac-custom-networking.yaml" in src and '"cninodes"' in src
+
+
+def test_cninode_crd_matches_the_vpc_resource_controllers():
+    (crd,) = load("cninode-crd.yaml")
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "cninodes.vpcresources.k8s.aws"
+    assert spec["group"] == "vpcresources.k8s.aws" and spec["scope"] == "Cluster"
+    assert spec["names"]["kind"] == "CNINode" and spec["names"]["plural"] == "cninodes"
+    (v,) = spec["versions"]
+    assert v["name"] == "v1alpha1" and v["served"] and v["storage"]
+    props = v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    item = props["features"]["items"]["properties"]
+    assert "CustomNetworking" in item["name"]["enum"] and item["value"]["type"] == "string"
+    assert props["tags"]["additionalProperties"] == {"type": "string"}
 
 
 def test_eniconfig_crd_matches_upstream():

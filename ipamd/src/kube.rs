@@ -8,7 +8,10 @@
 //!   else the label ENI_CONFIG_LABEL_DEF, else `default` (upstream's order; an empty value
 //!   counts as none here), and its `spec.subnet` / `spec.securityGroups`.
 //!
-//! The ClusterRole grants `list` and `watch` on nodes and on eniconfigs, no more.
+//! The ClusterRole grants `list` and `watch` on nodes and on eniconfigs, no more. A knob
+//! that writes has its own file: ANNOTATE_POD_IP `deploy/rbac-annotate-pod-ip.yaml` (patch
+//! on pods), custom networking `deploy/rbac-custom-networking.yaml` (the node's event and
+//! CNINode).
 //!
 //! The API is used only when one is configured (in a pod: `KUBERNETES_SERVICE_HOST`; or
 //! `KUBECONFIG`); custom networking refuses to start without one. When it cannot be
@@ -26,7 +29,7 @@ use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 /// The taint the node controller puts on a cordoned node (what upstream matches).
@@ -243,6 +246,249 @@ pub async fn annotate_pods(
             }
         }
     }
+}
+
+/// The CNINode resource (`vpcresources.k8s.aws/v1alpha1`, cluster-scoped, one per node,
+/// named as the node): the features the node uses, read by the VPC resource controller.
+pub fn cni_node_resource() -> ApiResource {
+    ApiResource {
+        group: "vpcresources.k8s.aws".into(),
+        version: "v1alpha1".into(),
+        api_version: "vpcresources.k8s.aws/v1alpha1".into(),
+        kind: "CNINode".into(),
+        plural: "cninodes".into(),
+    }
+}
+
+/// The CNINode feature custom networking writes, valued with the ENIConfig's name
+/// (upstream's `CustomNetworking`).
+pub const FEATURE_CUSTOM_NETWORKING: &str = "CustomNetworking";
+/// The component node events are reported as.
+pub const EVENT_COMPONENT: &str = "aws-node";
+
+/// `spec.features` with `name` set to `value` and no other entry of that name; `None` when
+/// the list already holds exactly that.
+pub fn features_with(
+    current: &serde_json::Value,
+    name: &str,
+    value: &str,
+) -> Option<Vec<serde_json::Value>> {
+    let list = current.as_array().cloned().unwrap_or_default();
+    let has = |f: &serde_json::Value| f["name"] == name;
+    if list.iter().filter(|f| has(f)).count() == 1
+        && list.iter().any(|f| has(f) && f["value"] == value)
+    {
+        return None;
+    }
+    let mut out: Vec<_> = list.into_iter().filter(|f| !has(f)).collect();
+    out.push(serde_json::json!({"name": name, "value": value}));
+    Some(out)
+}
+
+/// Why a write to the API failed, said once per kind of failure with what to do.
+fn api_failure(what: &str, e: &kube::Error, grant: &str) -> String {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => {
+            format!("{what}: forbidden ({}); apply {grant}", s.message)
+        }
+        kube::Error::Api(s) if s.code == 404 && what.starts_with("CNINode") => format!(
+            "{what}: not found ({}); is the CRD deploy/cninode-crd.yaml applied?",
+            s.message
+        ),
+        _ => format!("{what}: {e}"),
+    }
+}
+
+/// Custom networking's writes to the API, off every pod's path: the node's CNINode keeps
+/// the feature `CustomNetworking` valued with the ENIConfig the node names (created, owned
+/// by the Node, when the VPC resource controller has not made it; kept as the name
+/// changes, where upstream writes it once at start-up and stops ipamd when the CNINode is
+/// not there), and a Warning event on the node says what is wrong with its ENIConfig, once
+/// per distinct problem. A failed write is retried with backoff and never stops ipamd.
+/// Needs `deploy/rbac-custom-networking.yaml` (events create; cninodes get, create, patch).
+pub async fn report_custom_networking(node: Arc<Node>, client: Client, name: String) {
+    const GRANT: &str = "deploy/rbac-custom-networking.yaml";
+    let mut feature_written: Option<String> = None;
+    let mut event_posted: Option<String> = None;
+    let mut said: Option<String> = None;
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        let state = node.eni_config();
+        let named = match &state {
+            EniConfigState::Found(c) => Some(c.name.clone()),
+            EniConfigState::Missing { name, .. } => Some(name.clone()),
+            EniConfigState::Pending => None,
+        };
+        let problem = match state {
+            EniConfigState::Pending => None,
+            _ => node.eni_config_problem(),
+        };
+        let mut failed = None;
+        // As upstream: the feature is written for a name the node gives, not for the
+        // fallback `default`.
+        if let Some(n) = named.filter(|n| n != DEFAULT_ENI_CONFIG)
+            && feature_written.as_deref() != Some(n.as_str())
+        {
+            match keep_cni_node_feature(&client, &name, FEATURE_CUSTOM_NETWORKING, &n).await {
+                Ok(()) => {
+                    info!("CNINode {name}: feature {FEATURE_CUSTOM_NETWORKING}={n}");
+                    feature_written = Some(n);
+                }
+                Err(e) => failed = Some(api_failure(&format!("CNINode {name}"), &e, GRANT)),
+            }
+        }
+        if let Some(p) = &problem {
+            if event_posted.as_ref() != Some(p) {
+                match post_node_event(&client, &name, eni_config_reason(&node), p).await {
+                    Ok(()) => event_posted = problem.clone(),
+                    Err(e) => {
+                        failed = Some(api_failure(&format!("event on node {name}"), &e, GRANT))
+                    }
+                }
+            }
+        } else {
+            // A problem that comes back after it was solved is reported again.
+            event_posted = None;
+        }
+        match failed {
+            Some(why) => {
+                if said.as_ref() != Some(&why) {
+                    warn!("{why} (retrying)");
+                    said = Some(why);
+                }
+                tokio::select! {
+                    _ = node.eni_config_changes() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+            }
+            None => {
+                if said.take().is_some() {
+                    info!("writing the CNINode and node events works again");
+                }
+                backoff = std::time::Duration::from_secs(1);
+                node.eni_config_changes().await;
+            }
+        }
+    }
+}
+
+/// The event's reason: the ENIConfig is not there, or it is there and cannot be used.
+fn eni_config_reason(node: &Node) -> &'static str {
+    match node.eni_config() {
+        EniConfigState::Missing { why, .. } if why.starts_with("no ENIConfig") => {
+            "MissingENIConfig"
+        }
+        _ => "InvalidENIConfig",
+    }
+}
+
+/// Sets the feature on the node's CNINode, creating the CNINode (owned by the Node, so it
+/// goes with it) when there is none. Optimistic: a write that races another is redone.
+async fn keep_cni_node_feature(
+    client: &Client,
+    node: &str,
+    feature: &str,
+    value: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &cni_node_resource());
+    for _ in 0..5 {
+        match api.get_opt(node).await? {
+            Some(cur) => {
+                let Some(features) = features_with(&cur.data["spec"]["features"], feature, value)
+                else {
+                    return Ok(());
+                };
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": cur.metadata.resource_version},
+                    "spec": {"features": features},
+                });
+                match api
+                    .patch(
+                        node,
+                        &kube::api::PatchParams::default(),
+                        &kube::api::Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    r => return r.map(|_| ()),
+                }
+            }
+            None => {
+                let nodes: Api<KubeNode> = Api::all(client.clone());
+                let lp = kube::api::ListParams::default().fields(&format!("metadata.name={node}"));
+                let Some(n) = nodes.list(&lp).await?.items.into_iter().next() else {
+                    return Err(kube::Error::Api(Box::new(
+                        kube::core::Status::failure(
+                            &format!("node {node} is not in the API"),
+                            "NotFound",
+                        )
+                        .with_code(404),
+                    )));
+                };
+                let mut labels = serde_json::Map::new();
+                if let Some(os) = n.labels().get("kubernetes.io/os") {
+                    labels.insert("kubernetes.io/os".into(), os.clone().into());
+                }
+                let obj = serde_json::json!({
+                    "apiVersion": cni_node_resource().api_version,
+                    "kind": "CNINode",
+                    "metadata": {
+                        "name": node,
+                        "labels": labels,
+                        "ownerReferences": [{
+                            "apiVersion": "v1",
+                            "kind": "Node",
+                            "name": node,
+                            "uid": n.metadata.uid,
+                        }],
+                    },
+                    "spec": {"features": [{"name": feature, "value": value}]},
+                });
+                let obj: DynamicObject =
+                    serde_json::from_value(obj).map_err(kube::Error::SerdeError)?;
+                match api.create(&kube::api::PostParams::default(), &obj).await {
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    r => return r.map(|_| ()),
+                }
+            }
+        }
+    }
+    Err(kube::Error::Api(Box::new(
+        kube::core::Status::failure("kept conflicting with other writers", "Conflict")
+            .with_code(409),
+    )))
+}
+
+/// A Warning event on the node, where `kubectl describe node` shows it (namespace
+/// `default`, the node referenced by name as kubelet does).
+async fn post_node_event(
+    client: &Client,
+    node: &str,
+    reason: &str,
+    message: &str,
+) -> Result<(), kube::Error> {
+    let now = ipamd_core::clock::rfc3339(std::time::SystemTime::now());
+    let ev = serde_json::json!({
+        "metadata": {"generateName": format!("{node}."), "namespace": "default"},
+        "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node, "uid": node},
+        "reason": reason,
+        "message": message,
+        "type": "Warning",
+        "source": {"component": EVENT_COMPONENT, "host": node},
+        "reportingComponent": EVENT_COMPONENT,
+        "reportingInstance": node,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    });
+    let ev: k8s_openapi::api::core::v1::Event =
+        serde_json::from_value(ev).map_err(kube::Error::SerdeError)?;
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    api.create(&kube::api::PostParams::default(), &ev).await?;
+    info!("event on node {node}: {reason}: {message}");
+    Ok(())
 }
 
 /// What the ENIConfig watch has seen: every object by name (or why it is unusable).
@@ -516,6 +762,40 @@ mod tests {
         assert!(obj(serde_json::json!({"subnet": "10.0.0.0/24"})).is_err());
         assert!(obj(serde_json::json!({"subnet": "subnet-1", "securityGroups": "sg-1"})).is_err());
         assert!(obj(serde_json::json!({"subnet": "subnet-1", "securityGroups": [7]})).is_err());
+    }
+
+    #[test]
+    fn the_custom_networking_feature_replaces_only_its_own_entry() {
+        use serde_json::json;
+        let f = |v: serde_json::Value| features_with(&v, FEATURE_CUSTOM_NETWORKING, "az-a");
+        assert_eq!(
+            f(serde_json::Value::Null),
+            Some(vec![json!({"name": "CustomNetworking", "value": "az-a"})])
+        );
+        assert_eq!(
+            f(json!([{"name": "CustomNetworking", "value": "az-a"}])),
+            None
+        );
+        // Another ENIConfig before, and the controller's feature: the first replaced, the
+        // other kept.
+        assert_eq!(
+            f(json!([
+                {"name": "SecurityGroupsForPods"},
+                {"name": "CustomNetworking", "value": "old"},
+            ])),
+            Some(vec![
+                json!({"name": "SecurityGroupsForPods"}),
+                json!({"name": "CustomNetworking", "value": "az-a"}),
+            ])
+        );
+        // Written twice by someone: one entry left.
+        assert_eq!(
+            f(json!([
+                {"name": "CustomNetworking", "value": "az-a"},
+                {"name": "CustomNetworking", "value": "old"},
+            ])),
+            Some(vec![json!({"name": "CustomNetworking", "value": "az-a"})])
+        );
     }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {

@@ -247,6 +247,13 @@ async fn daemon() -> ExitCode {
                 node.set_pod_ip_sink(tx);
                 tokio::spawn(kube::annotate_pods(client.clone(), rx));
             }
+            if node.cfg.custom_network_cfg {
+                tokio::spawn(kube::report_custom_networking(
+                    node.clone(),
+                    client.clone(),
+                    name.clone(),
+                ));
+            }
             Some(tokio::spawn(kube::watch(
                 node.clone(),
                 client,

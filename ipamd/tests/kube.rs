@@ -301,6 +301,7 @@ async fn custom_networking_follows_the_nodes_eni_config_() {
     let k = k8s::K8s::start().await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     k.apply_crd(&root.join("eniconfig-crd.yaml")).await;
+    k.apply_crd(&root.join("cninode-crd.yaml")).await;
     k.register_node(NODE, false).await;
     // One ENIConfig per AZ, named by the zone label (as EKS users set it up).
     const ZONE: &str = "topology.kubernetes.io/zone";
@@ -312,6 +313,8 @@ async fn custom_networking_follows_the_nodes_eni_config_() {
     )
     .await;
     let (ns, sa) = k.apply_rbac(&root.join("aws-node.yaml")).await;
+    k.apply_rbac_extra(&root.join("rbac-custom-networking.yaml"))
+        .await;
     let token = k.token(&ns, &sa).await;
     let kubeconfig = k.kubeconfig("aws-node", &token);
     // The node ran without custom networking first: its primary ENI holds 9 addresses of
@@ -379,6 +382,53 @@ async fn custom_networking_follows_the_nodes_eni_config_() {
         subnets[0].as_str(),
         "{ec}"
     );
+    // No VPC resource controller here: ipamd made the node's CNINode, owned by the Node,
+    // with the feature naming the ENIConfig.
+    let feature = |name: &'static str| {
+        let k = &k;
+        async move {
+            k.cni_node(NODE).await.map(|c| {
+                c["spec"]["features"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f["name"] == name)
+                    .map(|f| f["value"].as_str().unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    let got = eventually(
+        Duration::from_secs(10),
+        Some(vec!["us-west-2a".to_string()]),
+        async || feature("CustomNetworking").await,
+    )
+    .await;
+    assert_eq!(got, Some(vec!["us-west-2a".to_string()]), "{}", d.log());
+    let cni_node = k.cni_node(NODE).await.unwrap();
+    let owner = &cni_node["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["name"]),
+        (&json!("Node"), &json!(NODE))
+    );
+    assert!(
+        owner["uid"].as_str().is_some_and(|u| !u.is_empty()),
+        "{cni_node}"
+    );
+    assert!(
+        k.node_events(NODE).await.is_empty(),
+        "{:?}",
+        k.node_events(NODE).await
+    );
+    // The controller adds its own feature: ipamd keeps it through its writes.
+    k.patch_cni_node(
+        NODE,
+        json!({"spec": {"features": [
+            {"name": "CustomNetworking", "value": "us-west-2a"},
+            {"name": "SecurityGroupsForPods"},
+        ]}}),
+    )
+    .await;
 
     // The annotation names another ENIConfig, not there yet: pods are still served from
     // the ENI there is, and the pool, the metric say what is missing.
@@ -403,6 +453,32 @@ async fn custom_networking_follows_the_nodes_eni_config_() {
     assert!(
         r2.success && in_subnet(&r2.ip_allocation_metadata[0].i_pv4_addr, "100.64.0.0/19"),
         "{r2:?}"
+    );
+    // A Warning event on the node says it, where `kubectl describe node` finds it; the
+    // CNINode names the ENIConfig the node names, the controller's feature kept.
+    let said = |reason: &'static str, text: &'static str| {
+        let k = &k;
+        async move {
+            k.node_events(NODE).await.iter().any(|(t, r, m, c)| {
+                t == "Warning" && r == reason && m.contains(text) && c == "aws-node"
+            })
+        }
+    };
+    let evented = eventually(Duration::from_secs(10), true, async || {
+        said("MissingENIConfig", "pods-b").await
+    })
+    .await;
+    assert!(evented, "{:?}\n{}", k.node_events(NODE).await, d.log());
+    let got = eventually(
+        Duration::from_secs(10),
+        Some(vec!["pods-b".to_string()]),
+        async || feature("CustomNetworking").await,
+    )
+    .await;
+    assert_eq!(got, Some(vec!["pods-b".to_string()]), "{}", d.log());
+    assert_eq!(
+        feature("SecurityGroupsForPods").await,
+        Some(vec![String::new()])
     );
 
     // Created, naming no security group: new pods go to its subnet, on an ENI with the
@@ -466,6 +542,18 @@ async fn custom_networking_follows_the_nodes_eni_config_() {
     })
     .await;
     assert!(problem, "{}\n{}", pool(), d.log());
+    let evented = eventually(Duration::from_secs(10), true, async || {
+        said("InvalidENIConfig", "us-west-2b").await
+    })
+    .await;
+    assert!(evented, "{:?}\n{}", k.node_events(NODE).await, d.log());
+    // One event per problem, not one per pool pass.
+    assert_eq!(
+        k.node_events(NODE).await.len(),
+        2,
+        "{:?}",
+        k.node_events(NODE).await
+    );
     let r4 = c.add("p4").await.unwrap();
     assert!(
         r4.success && in_subnet(&r4.ip_allocation_metadata[0].i_pv4_addr, "100.64.32.0/19"),

@@ -892,13 +892,20 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         "--ignore-not-found",
         "--wait=true",
     ]);
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/eniconfig-crd.yaml");
-    c.kubectl_ok(&["apply", "-f", crd]);
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    for f in [
+        "eniconfig-crd.yaml",
+        "cninode-crd.yaml",
+        "rbac-custom-networking.yaml",
+    ] {
+        c.kubectl_ok(&["apply", "-f", &format!("{deploy}/{f}")]);
+    }
     c.kubectl_ok(&[
         "wait",
         "--for=condition=established",
         "--timeout=60s",
         "crd/eniconfigs.crd.k8s.amazonaws.com",
+        "crd/cninodes.vpcresources.k8s.aws",
     ]);
     let sg = seeded_id(c, None).await;
     let nets = [
@@ -944,6 +951,27 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
                 break;
             }
             assert!(t.elapsed() < Duration::from_secs(60), "node{}: {p}", i + 1);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Each node's CNINode (made by ipamd: no VPC resource controller here) names its
+        // ENIConfig.
+        let t = Instant::now();
+        loop {
+            let (_, out) = c.kubectl(&[
+                "get",
+                "cninode",
+                &node_of(c, i),
+                "-o",
+                "jsonpath={.spec.features[?(@.name==\"CustomNetworking\")].value}",
+            ]);
+            if out.trim() == format!("pods-{i}") {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "node{}'s CNINode: {out}",
+                i + 1
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

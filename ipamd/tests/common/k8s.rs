@@ -20,6 +20,19 @@ use serde_json::{Value, json};
 const ADMIN_TOKEN: &str = "test-admin-token";
 pub const SERVER: &str = "https://127.0.0.1:6443";
 
+/// The resource a CRD serves (its first version).
+fn resource_of(crd: &CustomResourceDefinition) -> kube::api::ApiResource {
+    let s = &crd.spec;
+    let v = &s.versions[0].name;
+    kube::api::ApiResource {
+        group: s.group.clone(),
+        version: v.clone(),
+        api_version: format!("{}/{v}", s.group),
+        kind: s.names.kind.clone(),
+        plural: s.names.plural.clone(),
+    }
+}
+
 pub struct K8s {
     pub dir: tempfile::TempDir,
     procs: Vec<Child>,
@@ -211,12 +224,53 @@ impl K8s {
                 .iter()
                 .flat_map(|s| s.conditions.iter().flatten())
                 .any(|c| c.type_ == "Established" && c.status == "True");
-            if established && self.eni_configs().list(&Default::default()).await.is_ok() {
+            let served: Api<DynamicObject> = Api::all_with(self.admin.clone(), &resource_of(&c));
+            if established && served.list(&Default::default()).await.is_ok() {
                 return;
             }
             assert!(Instant::now() < deadline, "CRD {name} not served in 30 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The node's CNINode as the API holds it (`vpcresources.k8s.aws`), if there is one.
+    pub async fn cni_node(&self, name: &str) -> Option<Value> {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.admin.clone(), &ipamd::kube::cni_node_resource());
+        let o = api.get_opt(name).await.unwrap()?;
+        Some(serde_json::to_value(o).unwrap())
+    }
+
+    /// Merge-patches the node's CNINode (what the VPC resource controller writes).
+    pub async fn patch_cni_node(&self, name: &str, patch: Value) {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.admin.clone(), &ipamd::kube::cni_node_resource());
+        api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap();
+    }
+
+    /// The events about the node, as `kubectl describe node` finds them: (type, reason,
+    /// message, reporting component).
+    pub async fn node_events(&self, name: &str) -> Vec<(String, String, String, String)> {
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::all(self.admin.clone());
+        let lp = kube::api::ListParams::default().fields(&format!(
+            "involvedObject.kind=Node,involvedObject.name={name},involvedObject.uid={name}"
+        ));
+        api.list(&lp)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.message.unwrap_or_default(),
+                    e.source.and_then(|s| s.component).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     pub fn eni_configs(&self) -> Api<DynamicObject> {

@@ -91,6 +91,13 @@ impl Node {
         self.pool.lock().unwrap().subnet_problem = None;
         self.apply_serving();
         self.wake_pool.notify_one();
+        self.eni_config_changed.notify_one();
+    }
+
+    /// Returns once the ENIConfig in use or what is wrong with it may have changed since the
+    /// last call (one waiter: the Kubernetes side that writes the CNINode and the event).
+    pub async fn eni_config_changes(&self) {
+        self.eni_config_changed.notified().await
     }
 
     /// The datastore's serving rule from the knobs and the ENIConfig.
@@ -199,6 +206,7 @@ impl Node {
         self.metrics.error("eniConfigInvalid");
         self.pool.lock().unwrap().subnet_problem = Some((cfg.subnet.clone(), why.clone()));
         self.apply_serving();
+        self.eni_config_changed.notify_one();
         Err(format!(
             "custom networking: ENIConfig {:?}: {why}",
             cfg.name

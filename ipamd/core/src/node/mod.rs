@@ -234,6 +234,9 @@ pub struct Node {
     /// Custom networking: the node's ENIConfig, and every one the API holds.
     eni_config: Mutex<EniConfigState>,
     eni_configs_seen: Mutex<Vec<EniConfig>>,
+    /// Wakes the Kubernetes side when the ENIConfig in use or its problem changed (the
+    /// node's CNINode and event follow it).
+    eni_config_changed: Notify,
     /// The primary ENI's security groups as IMDS last said them, and the groups ipamd last
     /// gave each secondary ENI (not asked again while IMDS lags).
     primary_sgs: RwLock<Vec<String>>,

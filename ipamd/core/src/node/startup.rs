@@ -169,6 +169,7 @@ impl Node {
             schedule: Mutex::new((Schedule::NotWatched, Instant::now())),
             eni_config: Mutex::new(super::EniConfigState::Pending),
             eni_configs_seen: Mutex::new(vec![]),
+            eni_config_changed: Notify::new(),
             kubelet_max_pods: AtomicU32::new(0),
             pod_ip_sink: Mutex::new(None),
             primary_sgs: RwLock::new(vec![]),
