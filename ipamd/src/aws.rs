@@ -334,6 +334,21 @@ impl Ec2 for SdkEc2 {
         Ok(())
     }
 
+    async fn create_tags(&self, eni: &str, tags: &[(String, String)]) -> CloudResult<()> {
+        self.client
+            .create_tags()
+            .resources(eni)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| err("CreateTags", e))?;
+        Ok(())
+    }
+
     async fn detach_eni(&self, attachment: &str) -> CloudResult<()> {
         self.client
             .detach_network_interface()
@@ -531,6 +546,9 @@ impl Ec2 for LateEc2 {
     }
     async fn set_security_groups(&self, eni: &str, groups: &[String]) -> CloudResult<()> {
         self.get()?.set_security_groups(eni, groups).await
+    }
+    async fn create_tags(&self, eni: &str, tags: &[(String, String)]) -> CloudResult<()> {
+        self.get()?.create_tags(eni, tags).await
     }
     async fn detach_eni(&self, attachment: &str) -> CloudResult<()> {
         self.get()?.detach_eni(attachment).await

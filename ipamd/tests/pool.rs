@@ -731,3 +731,103 @@ async fn secondary_enis_follow_the_primary_enis_security_groups_() {
         d.log()
     );
 }
+
+/// The tags of the instance's ENIs by device (upstream's keys and ADDITIONAL_ENI_TAGS').
+async fn tags_by_device(emu: &Emulator, instance: &str) -> Vec<Vec<(String, String)>> {
+    let (ec2, _) = ec2_instance(emu, instance).await;
+    let r = ec2_emulator_sdk_check::attached_enis(&ec2, instance)
+        .await
+        .unwrap();
+    let mut v: Vec<(i32, Vec<(String, String)>)> = r
+        .network_interfaces()
+        .iter()
+        .map(|n| {
+            let mut t: Vec<(String, String)> = n
+                .tag_set()
+                .iter()
+                .filter(|t| t.key() != Some("node.k8s.amazonaws.com/createdAt"))
+                .map(|t| {
+                    (
+                        t.key().unwrap_or_default().to_string(),
+                        t.value().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            t.sort();
+            (
+                n.attachment().and_then(|a| a.device_index()).unwrap_or(-1),
+                t,
+            )
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
+#[test]
+fn every_managed_eni_carries_upstreams_tags_the_primary_included() {
+    in_node_ns(
+        "pool-tags",
+        every_managed_eni_carries_upstreams_tags_the_primary_included_,
+    )
+}
+
+async fn every_managed_eni_carries_upstreams_tags_the_primary_included_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--type", "m5.large"]).remove(0);
+    let want = |cluster: &str| {
+        let mut t = vec![
+            (
+                "cluster.k8s.amazonaws.com/name".to_string(),
+                cluster.to_string(),
+            ),
+            ("node.k8s.amazonaws.com/instance_id".to_string(), id.clone()),
+            ("team".to_string(), "net".to_string()),
+        ];
+        t.sort();
+        t
+    };
+    let knobs = |cluster: &'static str| {
+        vec![
+            ("CLUSTER_NAME", cluster),
+            ("ADDITIONAL_ENI_TAGS", r#"{"team":"net"}"#),
+            ("WARM_IP_TARGET", "12"),
+            ("IPAMD_EC2_RECONCILE_INTERVAL_MS", "1000"),
+        ]
+    };
+    assert_eq!(
+        tags_by_device(&emu, &id).await,
+        vec![vec![]],
+        "the seed tags nothing"
+    );
+    let mut d = Ipamd::start(&emu, &knobs("lab"));
+    // The primary ENI (made with the instance, untagged) is tagged from the describe the
+    // reconcile pass makes anyway; the second ENI was created with the tags.
+    let got = eventually(
+        Duration::from_secs(20),
+        vec![want("lab"), want("lab")],
+        async || tags_by_device(&emu, &id).await,
+    )
+    .await;
+    assert_eq!(got, vec![want("lab"), want("lab")], "{}", d.log());
+    // One CreateTags (the primary), and none in the passes after.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(calls(&emu, "CreateTags"), 1, "{}", d.log());
+    d.terminate();
+    // A restart finds them tagged: no call.
+    let mut d = Ipamd::start(&emu, &knobs("lab"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(calls(&emu, "CreateTags"), 1, "{}", d.log());
+    d.terminate();
+    // The cluster renamed: both ENIs get the new name, one call each.
+    let d = Ipamd::start(&emu, &knobs("lab2"));
+    let got = eventually(
+        Duration::from_secs(20),
+        vec![want("lab2"), want("lab2")],
+        async || tags_by_device(&emu, &id).await,
+    )
+    .await;
+    assert_eq!(got, vec![want("lab2"), want("lab2")], "{}", d.log());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(calls(&emu, "CreateTags"), 3, "{}", d.log());
+}

@@ -641,6 +641,17 @@ impl Account {
                 Ok(Answer::Id(att))
             }
             Op::DeleteOnTermination => Ok(Answer::Unit(())),
+            Op::Tag(eni, tags) => {
+                let e = self
+                    .enis
+                    .get_mut(eni)
+                    .ok_or_else(|| err(api, "InvalidNetworkInterfaceID.NotFound", eni.clone()))?;
+                for (k, v) in tags {
+                    e.tags.retain(|(a, _)| a != k);
+                    e.tags.push((k.clone(), v.clone()));
+                }
+                Ok(Answer::Unit(()))
+            }
             Op::Detach(att) => {
                 let until = Instant::now() + Duration::from_secs_f64(self.params.detach_s);
                 let e = self
@@ -767,6 +778,7 @@ enum Op {
     Create(NewEni),
     Attach(String, String, u32),
     DeleteOnTermination,
+    Tag(String, Vec<(String, String)>),
     Detach(String),
     Delete(String),
     AssignIps(String, u32),
@@ -891,6 +903,13 @@ impl Ec2 for NodeCloud {
             )
             .await,
             Id
+        )
+    }
+    async fn create_tags(&self, eni: &str, tags: &[(String, String)]) -> CloudResult<()> {
+        answer!(
+            self.call("CreateTags", Op::Tag(eni.into(), tags.to_vec()))
+                .await,
+            Unit
         )
     }
     async fn set_security_groups(&self, _: &str, _: &[String]) -> CloudResult<()> {

@@ -2,7 +2,8 @@
 //! same EC2 model. What it does, and what it leaves out:
 //!
 //! - Limits from its built-in instance-type table (no DescribeInstanceTypes); at start one
-//!   DescribeNetworkInterfaces of the node's ENIs (`DescribeAllENIs` in nodeInit).
+//!   DescribeNetworkInterfaces of the node's ENIs (`DescribeAllENIs` in nodeInit) and a
+//!   CreateTags for each that lacks the instance's tag (`TagENI`: a fresh node's primary).
 //! - One pool pass every 5 s (`ipPoolMonitorInterval`), one action per pass: short of the
 //!   target, one AssignPrivateIpAddresses on the first ENI with room (a whole ENI's worth
 //!   in WARM_ENI mode, the shortfall with WARM_IP / MINIMUM_IP, /28s with prefixes); with
@@ -440,9 +441,16 @@ pub async fn start(sc: &Scenario, cloud: NodeCloud) -> Arc<dyn PodApi> {
         slots_used: primary.secondary_ips.len() as u32,
         attached_at: Instant::now(),
     });
-    // nodeInit: DescribeAllENIs.
+    // nodeInit: DescribeAllENIs, then TagENI on each managed ENI lacking the instance tag
+    // (a CreateTags for the primary of a fresh node).
     let id = me.instance_id.clone();
-    let _ = me.call(|| me.cloud.instance_enis(&id)).await;
+    if let Ok(described) = me.call(|| me.cloud.instance_enis(&id)).await {
+        let tag = ("node.k8s.amazonaws.com/instance_id".to_string(), id.clone());
+        for e in described.iter().filter(|e| !e.tags.contains(&tag)) {
+            let tags = [tag.clone()];
+            let _ = me.call(|| me.cloud.create_tags(&e.id, &tags)).await;
+        }
+    }
     let pool = me.clone();
     tokio::spawn(async move {
         let mut last_shrink = Instant::now();

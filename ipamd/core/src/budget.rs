@@ -410,6 +410,12 @@ impl<E: Ec2> Ec2 for Budgeted<E> {
         )
         .await
     }
+    async fn create_tags(&self, e: &str, t: &[(String, String)]) -> CloudResult<()> {
+        self.call("CreateTags", Family::EniLifecycle, || {
+            self.inner.create_tags(e, t)
+        })
+        .await
+    }
     async fn detach_eni(&self, a: &str) -> CloudResult<()> {
         self.call("DetachNetworkInterface", Family::EniLifecycle, || {
             self.inner.detach_eni(a)

@@ -156,6 +156,8 @@ pub trait Ec2: Send + Sync {
     -> CloudResult<()>;
     /// ModifyNetworkInterfaceAttribute (Groups): the ENI's security groups.
     async fn set_security_groups(&self, eni_id: &str, groups: &[String]) -> CloudResult<()>;
+    /// CreateTags on one ENI (adds or overwrites these tags, keeps the others)
+    async fn create_tags(&self, eni_id: &str, tags: &[(String, String)]) -> CloudResult<()>;
     /// DetachNetworkInterface
     async fn detach_eni(&self, attachment_id: &str) -> CloudResult<()>;
     /// DeleteNetworkInterface

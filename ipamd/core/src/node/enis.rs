@@ -31,6 +31,71 @@ pub fn pick_subnet(tagged: &[SubnetInfo], az: &str, primary: SubnetInfo) -> Subn
 }
 
 impl Node {
+    /// The tags every ENI ipamd manages carries (upstream's): this instance's id, the
+    /// cluster's name (CLUSTER_NAME), ADDITIONAL_ENI_TAGS.
+    pub(super) fn eni_tags(&self, instance_id: &str) -> Vec<(String, String)> {
+        let mut tags = vec![(TAG_INSTANCE_ID.to_string(), instance_id.to_string())];
+        if !self.cfg.cluster_name.is_empty() {
+            tags.push((TAG_CLUSTER.to_string(), self.cfg.cluster_name.clone()));
+        }
+        tags.extend(
+            self.cfg
+                .additional_eni_tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        tags
+    }
+
+    /// Gives the ENIs ipamd manages (the primary one included) the tags of
+    /// [`Node::eni_tags`] they lack (upstream tags them at start-up). Read from a describe
+    /// the reconcile pass makes anyway: no call when nothing lacks, and one CreateTags per
+    /// ENI that does, asked once per ENI and tag set in this process (a refusal, e.g. an
+    /// IAM policy without CreateTags, is logged once, not repeated each pass).
+    pub(super) async fn tag_managed_enis(&self, instance_id: &str, enis: &[crate::cloud::EniInfo]) {
+        let want = self.eni_tags(instance_id);
+        for e in enis {
+            if self.store.lock().unwrap().eni(&e.id).is_none() {
+                continue;
+            }
+            let lacking: Vec<(String, String)> = want
+                .iter()
+                .filter(|t| !e.tags.contains(t))
+                .cloned()
+                .collect();
+            if lacking.is_empty() {
+                continue;
+            }
+            if !self
+                .reconciler
+                .lock()
+                .unwrap()
+                .tags_asked
+                .insert((e.id.clone(), lacking.clone()))
+            {
+                continue;
+            }
+            match self.ec2.create_tags(&e.id, &lacking).await {
+                Ok(()) => info!(
+                    "tagged ENI {} with {}",
+                    e.id,
+                    lacking
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(err) => {
+                    self.metrics.error("tagENIFailed");
+                    warn!(
+                        "tagging ENI {}: {err} (not asked again until ipamd restarts)",
+                        e.id
+                    );
+                }
+            }
+        }
+    }
+
     pub(super) async fn free_eni(&self, state: PoolState, decision: &Decision) -> bool {
         self.free_eni_of(state, decision, false).await
     }
@@ -218,22 +283,11 @@ impl Node {
         } else {
             (short.clamp(1, per), 0)
         };
-        let mut tags = vec![
-            (TAG_INSTANCE_ID.to_string(), inst.meta.instance_id.clone()),
-            (
-                TAG_CREATED_AT.to_string(),
-                rfc3339(crate::clock::wall_now()),
-            ),
-        ];
-        if !self.cfg.cluster_name.is_empty() {
-            tags.push((TAG_CLUSTER.to_string(), self.cfg.cluster_name.clone()));
-        }
-        tags.extend(
-            self.cfg
-                .additional_eni_tags
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
+        let mut tags = self.eni_tags(&inst.meta.instance_id);
+        tags.push((
+            TAG_CREATED_AT.to_string(),
+            rfc3339(crate::clock::wall_now()),
+        ));
         // An ENI created by an attempt whose attach EC2 throttled is attached now, not
         // created again (each create and delete spends the account's ENI tokens).
         let kept = self.pool.lock().unwrap().created_unattached.take();

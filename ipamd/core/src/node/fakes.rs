@@ -88,6 +88,9 @@ impl Ec2 for NoEc2 {
     async fn set_security_groups(&self, _: &str, _: &[String]) -> CloudResult<()> {
         none()
     }
+    async fn create_tags(&self, _: &str, _: &[(String, String)]) -> CloudResult<()> {
+        none()
+    }
     async fn detach_eni(&self, _: &str) -> CloudResult<()> {
         none()
     }

@@ -34,6 +34,8 @@ pub(super) struct ReconcileState {
     /// Free addresses a pod route on the host pointed at in the last pass: taken for that
     /// pod when the next pass sees the route still there.
     routed_free: BTreeSet<Ipv4Addr>,
+    /// Tags asked for an ENI in this process (`Node::tag_managed_enis`).
+    pub(super) tags_asked: BTreeSet<(String, Vec<(String, String)>)>,
 }
 
 /// Something the datastore holds that EC2 stopped showing.
@@ -271,6 +273,7 @@ impl Node {
             self.note_refused(&id, &r, false);
         }
         self.force_remove(&before, &enis).await;
+        self.tag_managed_enis(&inst.meta.instance_id, &enis).await;
         self.reconciler.lock().unwrap().last_reconcile = Some(Instant::now());
         self.metrics.reconciled("nodeIPPoolReconcile");
         self.addresses_added.notify_waiters();
