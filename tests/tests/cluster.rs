@@ -867,8 +867,12 @@ fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u32) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
-/// Custom networking switched on as users do (issue 17): the ENIConfig CRD applied, one
-/// ENIConfig per node's pod subnet in the VPC's 100.64.0.0/16 block, the nodes annotated,
+/// The lab's one availability zone (the emulator's instances and subnets).
+const ZONE_A: &str = "us-west-2a";
+
+/// Custom networking switched on as users do (issue 17): the ENIConfig and CNINode CRDs
+/// and the knob's RBAC applied, an ENIConfig per pod subnet in the VPC's 100.64.0.0/16
+/// block (one named as the AZ, found by the nodes' zone label; one by annotation),
 /// `kubectl set env` on the DaemonSet. The nodes' pod ENIs in 10.0 drain; new pods get
 /// 100.64 addresses of their node's ENIConfig, reach each other without NAT, are reached
 /// from their node, reach the internet host as their node's primary IP; the SNAT chain
@@ -912,22 +916,34 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         (Ipv4Addr::new(100, 64, 0, 0), 19),
         (Ipv4Addr::new(100, 64, 32, 0), 19),
     ];
+    // Both ways users name a node's ENIConfig: node1 by its zone label (one ENIConfig per
+    // AZ, named as the AZ: EKS's usual set-up), node2 by the annotation, which comes
+    // first (the lab's one AZ would otherwise give both nodes the same subnet).
+    let names = [ZONE_A.to_string(), "pods-1".to_string()];
     for i in 0..2 {
         let subnet = seeded_id(c, Some(&format!("pods-{i}"))).await;
         apply(
             c,
             &format!(
-                "apiVersion: crd.k8s.amazonaws.com/v1alpha1\nkind: ENIConfig\nmetadata:\n  name: pods-{i}\nspec:\n  subnet: {subnet}\n  securityGroups: [{sg}]\n"
+                "apiVersion: crd.k8s.amazonaws.com/v1alpha1\nkind: ENIConfig\nmetadata:\n  name: {}\nspec:\n  subnet: {subnet}\n  securityGroups: [{sg}]\n",
+                names[i]
             ),
         );
         c.kubectl_ok(&[
-            "annotate",
+            "label",
             "node",
             &node_of(c, i),
-            &format!("k8s.amazonaws.com/eniConfig=pods-{i}"),
+            &format!("topology.kubernetes.io/zone={ZONE_A}"),
             "--overwrite",
         ]);
     }
+    c.kubectl_ok(&[
+        "annotate",
+        "node",
+        &node_of(c, 1),
+        "k8s.amazonaws.com/eniConfig=pods-1",
+        "--overwrite",
+    ]);
     c.kubectl_ok(&[
         "set",
         "env",
@@ -935,6 +951,7 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         "kube-system",
         "daemonset/aws-node",
         "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true",
+        "ENI_CONFIG_LABEL_DEF=topology.kubernetes.io/zone",
     ]);
     c.wait_rollout(
         "kube-system",
@@ -945,7 +962,7 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         let t = Instant::now();
         loop {
             let p = pool(c, i);
-            if p["customNetworking"]["MyENI"] == format!("pods-{i}").as_str()
+            if p["customNetworking"]["MyENI"] == names[i].as_str()
                 && p["customNetworking"]["problem"].is_null()
             {
                 break;
@@ -964,7 +981,7 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
                 "-o",
                 "jsonpath={.spec.features[?(@.name==\"CustomNetworking\")].value}",
             ]);
-            if out.trim() == format!("pods-{i}") {
+            if out.trim() == names[i] {
                 break;
             }
             assert!(
@@ -988,7 +1005,8 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         let (net, len) = nets[i];
         assert!(
             in_cidr(*ip, net, len),
-            "{pod} on {node}: {ip} is not in pods-{i}'s {net}/{len}"
+            "{pod} on {node}: {ip} is not in {}'s {net}/{len}",
+            names[i]
         );
         let eni = enis
             .iter()
