@@ -29,10 +29,19 @@ def main(argv=None):
         metavar="CIDR[@AZ]",
         help="a subnet for pods in the secondary block (repeatable; AZ defaults to the nodes')",
     )
+    ap.add_argument(
+        "--zones",
+        type=int,
+        default=1,
+        help="availability zones <region>a, b, ...: instance i goes to zone i mod N; zone k > 0 gets a node "
+        "subnet nodes-<k> of its own, 10.0.(16 + 16k).0/20, tagged for subnet discovery as the first",
+    )
     ap.add_argument("--imds-delay", type=float, default=0.0, help="IMDS lags EC2 by this many seconds")
     a = ap.parse_args(argv)
     if a.count < 1:
         ap.error("--count must be at least 1")
+    if not 1 <= a.zones <= 6:
+        ap.error("--zones must be 1..6")
 
     ec2 = boto3.client(
         "ec2",
@@ -52,6 +61,18 @@ def main(argv=None):
         AvailabilityZone=az,
         TagSpecifications=tag("subnet", "nodes", [{"Key": "kubernetes.io/role/cni", "Value": "1"}]),
     )["Subnet"]["SubnetId"]
+    zones = [(az, subnet)]
+    for k in range(1, a.zones):
+        zk = f"{a.region}{'abcdef'[k]}"
+        cidr = f"10.0.{16 + 16 * k}.0/20"
+        sk = ec2.create_subnet(
+            VpcId=vpc,
+            CidrBlock=cidr,
+            AvailabilityZone=zk,
+            TagSpecifications=tag("subnet", f"nodes-{k}", [{"Key": "kubernetes.io/role/cni", "Value": "1"}]),
+        )["Subnet"]["SubnetId"]
+        print(f"node subnet nodes-{k} {sk} ({cidr}, {zk})", file=sys.stderr)
+        zones.append((zk, sk))
     small = ec2.create_subnet(
         VpcId=vpc, CidrBlock=a.small_subnet_cidr, AvailabilityZone=az, TagSpecifications=tag("subnet", "small")
     )["Subnet"]["SubnetId"]
@@ -70,16 +91,22 @@ def main(argv=None):
             print(f"pod subnet pods-{n} {sid} ({cidr}, {pod_az or az})", file=sys.stderr)
     images = ec2.describe_images(Owners=["amazon"])["Images"]
     image = images[0]["ImageId"] if images else "ami-12c6146b"
-    res = ec2.run_instances(
-        ImageId=image,
-        InstanceType=a.itype,
-        MinCount=a.count,
-        MaxCount=a.count,
-        SubnetId=subnet,
-        SecurityGroupIds=[sg],
-        Placement={"AvailabilityZone": az},
-    )
-    ids = [i["InstanceId"] for i in res["Instances"]]
+    def launch(n, zone, in_subnet):
+        res = ec2.run_instances(
+            ImageId=image,
+            InstanceType=a.itype,
+            MinCount=n,
+            MaxCount=n,
+            SubnetId=in_subnet,
+            SecurityGroupIds=[sg],
+            Placement={"AvailabilityZone": zone},
+        )
+        return [i["InstanceId"] for i in res["Instances"]]
+
+    if a.zones == 1:
+        ids = launch(a.count, az, subnet)
+    else:
+        ids = [launch(1, *zones[i % a.zones])[0] for i in range(a.count)]
     body = json.dumps({"instance_id": ids[0], "delay_seconds": a.imds_delay, "region": a.region}).encode()
     req = urllib.request.Request(
         a.endpoint.rstrip("/") + "/_emulator/imds", data=body, method="POST", headers={"Content-Type": "application/json"}

@@ -36,6 +36,36 @@ def test_lifecycle_on_loopback():
     assert run("status", port=port, check=False).returncode == 3
 
 
+def test_seed_spreads_instances_over_zones_each_with_its_node_subnet():
+    import boto3
+
+    port = free_port()
+    try:
+        run("start", port=port)
+        ids = run("seed", "--count", "3", "--zones", "2", port=port).stdout.split()
+        assert len(ids) == 3
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-west-2",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        got = {}
+        for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]:
+            for i in r["Instances"]:
+                got[i["InstanceId"]] = (i["Placement"]["AvailabilityZone"], i["PrivateIpAddress"])
+        zones = [got[i][0] for i in ids]
+        assert zones == ["us-west-2a", "us-west-2b", "us-west-2a"], got
+        assert got[ids[1]][1].startswith("10.0.32."), got
+        subnets = {s["AvailabilityZone"]: s for s in ec2.describe_subnets()["Subnets"] if s["CidrBlock"].endswith("/20")}
+        assert subnets["us-west-2b"]["CidrBlock"] == "10.0.32.0/20"
+        assert {"Key": "kubernetes.io/role/cni", "Value": "1"} in subnets["us-west-2b"]["Tags"]
+        assert run("seed", "--zones", "0", port=port, check=False).returncode != 0
+    finally:
+        run("stop", port=port)
+
+
 def test_busy_port_is_refused():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -34,17 +34,25 @@ pub const APISERVER_ADDR: &str = "100.64.0.2";
 /// The first address of the Service range: the `kubernetes` Service.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const CLUSTER_DNS: &str = "10.96.0.10";
-/// What the cluster's VPC has for custom networking: 100.64.0.0/16 beside the nodes'
-/// 10.0.0.0/16, subnets Name=pods-0 (100.64.0.0/19) and pods-1 (100.64.32.0/19), and a
-/// security group named pods.
+/// The cluster's VPC: two availability zones (node1, node3, ... in us-west-2a's 10.0.0.0/20,
+/// node2, node4, ... in us-west-2b's 10.0.32.0/20) and, for custom networking, 100.64.0.0/16
+/// beside the nodes' 10.0.0.0/16 with a pod subnet per zone, Name=pods-0 (100.64.0.0/19,
+/// us-west-2a) and pods-1 (100.64.32.0/19, us-west-2b), and a security group named pods.
 pub const POD_SEED: &[&str] = &[
+    "--zones",
+    "2",
     "--pod-vpc-cidr",
     "100.64.0.0/16",
     "--pod-subnet",
-    "100.64.0.0/19",
+    "100.64.0.0/19@us-west-2a",
     "--pod-subnet",
-    "100.64.32.0/19",
+    "100.64.32.0/19@us-west-2b",
 ];
+
+/// The zone of the lab's node `i` (0-based) under [`POD_SEED`].
+pub fn zone_of_node(i: usize) -> &'static str {
+    ["us-west-2a", "us-west-2b"][i % 2]
+}
 
 /// The aws-node image deploy/aws-node.yaml names, and a second tag for rolling updates.
 pub const AWS_NODE_IMAGE: &str = "vpc-cni-rs/aws-node";
@@ -158,7 +166,8 @@ impl Cluster {
     /// Ready and CoreDNS answers. Call inside `lab::in_fabric`.
     pub async fn start(fabric: &str, nodes: usize, instance_type: &str) -> Cluster {
         let started = Instant::now();
-        // A secondary VPC block with a pod subnet per node, for custom networking.
+        // Two zones, and a secondary VPC block with a pod subnet per zone, for custom
+        // networking.
         let lab = Lab::fabric_seeded(fabric, nodes, instance_type, &[], POD_SEED).await;
         let dir = lab.dir.path().join("cluster");
         std::fs::create_dir_all(&dir).unwrap();

@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vpc_cni_tests::cluster::{AWS_NODE_IMAGE, Cluster};
+use vpc_cni_tests::cluster::{AWS_NODE_IMAGE, Cluster, zone_of_node};
 use vpc_cni_tests::lab::{INTERNET_ADDR, in_fabric, in_netns};
 
 const WEB: &str = r#"
@@ -867,13 +867,10 @@ fn in_cidr(ip: Ipv4Addr, net: Ipv4Addr, len: u32) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
-/// The lab's one availability zone (the emulator's instances and subnets).
-const ZONE_A: &str = "us-west-2a";
-
 /// Custom networking switched on as users do (issue 17): the ENIConfig and CNINode CRDs
-/// and the knob's RBAC applied, an ENIConfig per pod subnet in the VPC's 100.64.0.0/16
-/// block (one named as the AZ, found by the nodes' zone label; one by annotation),
-/// `kubectl set env` on the DaemonSet. The nodes' pod ENIs in 10.0 drain; new pods get
+/// and the knob's RBAC applied, an ENIConfig per AZ named as the AZ (its pod subnet in the
+/// VPC's 100.64.0.0/16 block), the nodes labelled with their zone (what a cloud provider
+/// sets), `kubectl set env` on the DaemonSet with ENI_CONFIG_LABEL_DEF. The nodes' pod ENIs in 10.0 drain; new pods get
 /// 100.64 addresses of their node's ENIConfig, reach each other without NAT, are reached
 /// from their node, reach the internet host as their node's primary IP; the SNAT chain
 /// excludes both VPC blocks.
@@ -916,10 +913,15 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         (Ipv4Addr::new(100, 64, 0, 0), 19),
         (Ipv4Addr::new(100, 64, 32, 0), 19),
     ];
-    // Both ways users name a node's ENIConfig: node1 by its zone label (one ENIConfig per
-    // AZ, named as the AZ: EKS's usual set-up), node2 by the annotation, which comes
-    // first (the lab's one AZ would otherwise give both nodes the same subnet).
-    let names = [ZONE_A.to_string(), "pods-1".to_string()];
+    // One ENIConfig per AZ, named as the AZ, found by the node's zone label (EKS's usual
+    // set-up; the annotation's route is in ipamd/tests/kube.rs).
+    let names = [zone_of_node(0).to_string(), zone_of_node(1).to_string()];
+    // node2 is in the second zone's node subnet.
+    assert!(
+        in_cidr(c.lab.nodes[1].primary_ip, Ipv4Addr::new(10, 0, 32, 0), 20),
+        "node2: {}",
+        c.lab.nodes[1].primary_ip
+    );
     for i in 0..2 {
         let subnet = seeded_id(c, Some(&format!("pods-{i}"))).await;
         apply(
@@ -933,17 +935,10 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
             "label",
             "node",
             &node_of(c, i),
-            &format!("topology.kubernetes.io/zone={ZONE_A}"),
+            &format!("topology.kubernetes.io/zone={}", names[i]),
             "--overwrite",
         ]);
     }
-    c.kubectl_ok(&[
-        "annotate",
-        "node",
-        &node_of(c, 1),
-        "k8s.amazonaws.com/eniConfig=pods-1",
-        "--overwrite",
-    ]);
     c.kubectl_ok(&[
         "set",
         "env",
