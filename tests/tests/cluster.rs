@@ -922,20 +922,20 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         "node2: {}",
         c.lab.nodes[1].primary_ip
     );
-    for i in 0..2 {
+    for (i, name) in names.iter().enumerate() {
         let subnet = seeded_id(c, Some(&format!("pods-{i}"))).await;
         apply(
             c,
             &format!(
                 "apiVersion: crd.k8s.amazonaws.com/v1alpha1\nkind: ENIConfig\nmetadata:\n  name: {}\nspec:\n  subnet: {subnet}\n  securityGroups: [{sg}]\n",
-                names[i]
+                name
             ),
         );
         c.kubectl_ok(&[
             "label",
             "node",
             &node_of(c, i),
-            &format!("topology.kubernetes.io/zone={}", names[i]),
+            &format!("topology.kubernetes.io/zone={name}"),
             "--overwrite",
         ]);
     }
@@ -953,11 +953,11 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
         "daemonset/aws-node",
         Duration::from_secs(180),
     );
-    for i in 0..2 {
+    for (i, name) in names.iter().enumerate() {
         let t = Instant::now();
         loop {
             let p = pool(c, i);
-            if p["customNetworking"]["MyENI"] == names[i].as_str()
+            if p["customNetworking"]["MyENI"] == name.as_str()
                 && p["customNetworking"]["problem"].is_null()
             {
                 break;
@@ -976,7 +976,7 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
                 "-o",
                 "jsonpath={.spec.features[?(@.name==\"CustomNetworking\")].value}",
             ]);
-            if out.trim() == names[i] {
+            if out.trim() == name {
                 break;
             }
             assert!(
