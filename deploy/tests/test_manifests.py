@@ -177,15 +177,22 @@ def test_rbac_is_least_privilege_and_follows_the_code(node):
         assert env["MY_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
-def test_annotate_pod_ip_grants_patch_on_pods_and_nothing_else(node):
-    """ANNOTATE_POD_IP's own grant, applied only with the knob: patch on pods, bound to
-    aws-node's ServiceAccount; the main role never touches pods."""
-    extra = by_kind(load("rbac-annotate-pod-ip.yaml"))
+def knob_grant(node, name):
+    """A knob's own RBAC file: its ClusterRole's rules, once its binding is checked to bind
+    that role to aws-node's ServiceAccount and nothing else."""
+    extra = by_kind(load(name))
     role, binding = extra["ClusterRole"], extra["ClusterRoleBinding"]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
     sa = node["ServiceAccount"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
+    return role["rules"]
+
+
+def test_annotate_pod_ip_grants_patch_on_pods_and_nothing_else(node):
+    """ANNOTATE_POD_IP's own grant, applied only with the knob: patch on pods, bound to
+    aws-node's ServiceAccount; the main role never touches pods."""
+    rules = knob_grant(node, "rbac-annotate-pod-ip.yaml")
+    assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
     assert all("pods" not in r["resources"] for r in node["ClusterRole"]["rules"])
     src = open(os.path.join(ROOT, "ipamd/src/kube.rs")).read()
     assert "ANNOTATE_POD_IP" in src and "vpc.amazonaws.com/pod-ips" in src
@@ -195,15 +202,11 @@ def test_custom_networking_grants_events_and_cninodes_and_nothing_else(node):
     """AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG's own grant, applied only with the knob: create on
     events (the node's event about its ENIConfig) and get/create/patch on cninodes (the
     CustomNetworking feature), bound to aws-node's ServiceAccount."""
-    extra = by_kind(load("rbac-custom-networking.yaml"))
-    role, binding = extra["ClusterRole"], extra["ClusterRoleBinding"]
-    assert role["rules"] == [
+    rules = knob_grant(node, "rbac-custom-networking.yaml")
+    assert rules == [
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
         {"apiGroups": ["vpcresources.k8s.aws"], "resources": ["cninodes"], "verbs": ["get", "create", "patch"]},
     ]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
-    sa = node["ServiceAccount"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
     main = node["ClusterRole"]["rules"]
     assert all("events" not in r["resources"] and "cninodes" not in r["resources"] for r in main)
     src = open(os.path.join(ROOT, "ipamd/src/kube.rs")).read()

@@ -285,16 +285,16 @@ pub fn features_with(
     Some(out)
 }
 
-/// Why a write to the API failed, said once per kind of failure with what to do.
-fn api_failure(what: &str, e: &kube::Error, grant: &str) -> String {
-    match e {
-        kube::Error::Api(s) if s.code == 403 => {
+/// Why a write to the API failed, with what to do: the grant to apply on a 403, and
+/// `on_404` (what may be missing) on a 404.
+fn api_failure(what: &str, e: &kube::Error, grant: &str, on_404: Option<&str>) -> String {
+    match (e, on_404) {
+        (kube::Error::Api(s), _) if s.code == 403 => {
             format!("{what}: forbidden ({}); apply {grant}", s.message)
         }
-        kube::Error::Api(s) if s.code == 404 && what.starts_with("CNINode") => format!(
-            "{what}: not found ({}); is the CRD deploy/cninode-crd.yaml applied?",
-            s.message
-        ),
+        (kube::Error::Api(s), Some(hint)) if s.code == 404 => {
+            format!("{what}: not found ({}); {hint}", s.message)
+        }
         _ => format!("{what}: {e}"),
     }
 }
@@ -319,7 +319,7 @@ pub async fn report_custom_networking(node: Arc<Node>, client: Client, name: Str
             EniConfigState::Missing { name, .. } => Some(name.clone()),
             EniConfigState::Pending => None,
         };
-        let problem = match state {
+        let problem = match &state {
             EniConfigState::Pending => None,
             _ => node.eni_config_problem(),
         };
@@ -334,15 +334,27 @@ pub async fn report_custom_networking(node: Arc<Node>, client: Client, name: Str
                     info!("CNINode {name}: feature {FEATURE_CUSTOM_NETWORKING}={n}");
                     feature_written = Some(n);
                 }
-                Err(e) => failed = Some(api_failure(&format!("CNINode {name}"), &e, GRANT)),
+                Err(e) => {
+                    failed = Some(api_failure(
+                        &format!("CNINode {name}"),
+                        &e,
+                        GRANT,
+                        Some("is the CRD deploy/cninode-crd.yaml applied?"),
+                    ))
+                }
             }
         }
         if let Some(p) = &problem {
             if event_posted.as_ref() != Some(p) {
-                match post_node_event(&client, &name, eni_config_reason(&node), p).await {
+                match post_node_event(&client, &name, eni_config_reason(&state), p).await {
                     Ok(()) => event_posted = problem.clone(),
                     Err(e) => {
-                        failed = Some(api_failure(&format!("event on node {name}"), &e, GRANT))
+                        failed = Some(api_failure(
+                            &format!("event on node {name}"),
+                            &e,
+                            GRANT,
+                            None,
+                        ))
                     }
                 }
             }
@@ -374,8 +386,8 @@ pub async fn report_custom_networking(node: Arc<Node>, client: Client, name: Str
 }
 
 /// The event's reason: the ENIConfig is not there, or it is there and cannot be used.
-fn eni_config_reason(node: &Node) -> &'static str {
-    match node.eni_config() {
+fn eni_config_reason(state: &EniConfigState) -> &'static str {
+    match state {
         EniConfigState::Missing { why, .. } if why.starts_with("no ENIConfig") => {
             "MissingENIConfig"
         }

@@ -639,30 +639,41 @@ fn calls(emu: &Emulator, action: &str) -> u64 {
     v[action].as_u64().unwrap_or(0)
 }
 
-/// The security groups of the instance's ENIs by device.
-async fn groups_by_device(emu: &Emulator, instance: &str) -> Vec<Vec<String>> {
+/// Something of each of the instance's attached ENIs (sorted), by device.
+async fn by_device<T: Ord>(
+    emu: &Emulator,
+    instance: &str,
+    of: impl Fn(&aws_sdk_ec2::types::NetworkInterface) -> Vec<T>,
+) -> Vec<Vec<T>> {
     let (ec2, _) = ec2_instance(emu, instance).await;
     let r = ec2_emulator_sdk_check::attached_enis(&ec2, instance)
         .await
         .unwrap();
-    let mut v: Vec<(i32, Vec<String>)> = r
+    let mut v: Vec<(i32, Vec<T>)> = r
         .network_interfaces()
         .iter()
         .map(|n| {
-            let mut g: Vec<String> = n
-                .groups()
-                .iter()
-                .filter_map(|g| g.group_id().map(str::to_string))
-                .collect();
-            g.sort();
+            let mut x = of(n);
+            x.sort();
             (
                 n.attachment().and_then(|a| a.device_index()).unwrap_or(-1),
-                g,
+                x,
             )
         })
         .collect();
     v.sort();
-    v.into_iter().map(|(_, g)| g).collect()
+    v.into_iter().map(|(_, x)| x).collect()
+}
+
+/// The security groups of the instance's ENIs by device.
+async fn groups_by_device(emu: &Emulator, instance: &str) -> Vec<Vec<String>> {
+    by_device(emu, instance, |n| {
+        n.groups()
+            .iter()
+            .filter_map(|g| g.group_id().map(str::to_string))
+            .collect()
+    })
+    .await
 }
 
 #[test]
@@ -734,34 +745,19 @@ async fn secondary_enis_follow_the_primary_enis_security_groups_() {
 
 /// The tags of the instance's ENIs by device (upstream's keys and ADDITIONAL_ENI_TAGS').
 async fn tags_by_device(emu: &Emulator, instance: &str) -> Vec<Vec<(String, String)>> {
-    let (ec2, _) = ec2_instance(emu, instance).await;
-    let r = ec2_emulator_sdk_check::attached_enis(&ec2, instance)
-        .await
-        .unwrap();
-    let mut v: Vec<(i32, Vec<(String, String)>)> = r
-        .network_interfaces()
-        .iter()
-        .map(|n| {
-            let mut t: Vec<(String, String)> = n
-                .tag_set()
-                .iter()
-                .filter(|t| t.key() != Some("node.k8s.amazonaws.com/createdAt"))
-                .map(|t| {
-                    (
-                        t.key().unwrap_or_default().to_string(),
-                        t.value().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect();
-            t.sort();
-            (
-                n.attachment().and_then(|a| a.device_index()).unwrap_or(-1),
-                t,
-            )
-        })
-        .collect();
-    v.sort();
-    v.into_iter().map(|(_, t)| t).collect()
+    by_device(emu, instance, |n| {
+        n.tag_set()
+            .iter()
+            .filter(|t| t.key() != Some("node.k8s.amazonaws.com/createdAt"))
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_string(),
+                    t.value().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    })
+    .await
 }
 
 #[test]
