@@ -906,6 +906,29 @@ imageGCHighThresholdPercent: 100
         for n in &self.nodes {
             msg.push_str(&tail(&format!("{} kubelet", n.name), n.kubelet_log()));
         }
+        // ipamd's side: its pool as introspection says, and its log.
+        let (_, daemons) = self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "k8s-app=aws-node",
+            "-o",
+            "name",
+        ]);
+        for p in daemons.lines() {
+            let (_, log) = self.kubectl(&["logs", "-n", "kube-system", "--tail=60", p]);
+            msg.push_str(&tail(&format!("{p} log"), log));
+        }
+        for n in &self.lab.nodes {
+            let pool = crate::lab::in_netns(&n.ns_path(), || {
+                ipamd::cli::http_get("127.0.0.1:61679", "/v1/pool")
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|e| e.to_string())
+            });
+            msg.push_str(&format!("\n--- {} /v1/pool\n{pool}\n", n.ns));
+        }
         panic!("{msg}");
     }
 

@@ -685,6 +685,9 @@ fn plug(ns: &str, link: &str, idx: &usize, e: &EniView, net: (Ipv4Addr, u8)) -> 
         vec![
             "ip", "-n", ns, "link", "set", &tmp, "name", &eth, "address", &e.mac,
         ],
+        // Which ENI the pair is for: a device number EC2 gives again (an ENI freed and
+        // another attached there between two passes) gets a new pair, as on EC2.
+        vec!["ip", "link", "set", link, "alias", &e.id],
         vec!["ip", "addr", "add", &format!("{gw}/32"), "dev", link],
         // The VPC answers ARP for every address of the subnet (a node's primary ENI keeps
         // its on-link subnet route): proxy ARP, at once.
@@ -732,13 +735,18 @@ fn converge_fabric(spec: &FabricSpec, enis: &[EniView]) {
     let Some(links) = json_of(&["ip", "-j", "link", "show"]) else {
         return;
     };
-    let have: BTreeSet<String> = links
+    // Fabric link -> the ENI it was plugged for (its alias).
+    let have: BTreeMap<String, String> = links
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| n.starts_with('n') && n.contains('e'))
-        .map(str::to_string)
+        .filter_map(|l| {
+            let name = l["ifname"].as_str()?;
+            (name.starts_with('n') && name.contains('e')).then(|| {
+                let alias = l["ifalias"].as_str().unwrap_or_default();
+                (name.to_string(), alias.to_string())
+            })
+        })
         .collect();
     let mut want_links = BTreeSet::new();
     let mut want_routes: BTreeMap<Ipv4Addr, (String, Option<Ipv4Addr>)> = BTreeMap::new();
@@ -753,7 +761,12 @@ fn converge_fabric(spec: &FabricSpec, enis: &[EniView]) {
         let link = format!("n{idx}e{}", e.device);
         let link = link.as_str();
         want_links.insert(link.to_string());
-        if !have.contains(link) && !plug(ns, link, idx, e, net) {
+        let current = have.get(link);
+        if current.is_some_and(|id| *id != e.id) {
+            // Another ENI on this device now: the old pair goes (both ends).
+            let _ = quiet(&["ip", "link", "del", link]);
+        }
+        if current != Some(&e.id) && !plug(ns, link, idx, e, net) {
             // A node namespace already gone (teardown): try again next pass, if any.
             let _ = quiet(&["ip", "link", "del", link]);
             continue;
@@ -763,7 +776,7 @@ fn converge_fabric(spec: &FabricSpec, enis: &[EniView]) {
             want_routes.insert(*a, (link.to_string(), Some(e.primary_ip)));
         }
     }
-    for l in have.difference(&want_links) {
+    for l in have.keys().filter(|l| !want_links.contains(*l)) {
         let _ = quiet(&["ip", "link", "del", l]);
     }
     // Routes to VPC addresses carry protocol 200, so only ours are compared.
@@ -828,4 +841,77 @@ pub fn pod_netns(ip: Ipv4Addr) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Namespaces made for one test, removed on drop (also when it panics).
+    struct Netns(Vec<String>);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = quiet(&["ip", "netns", "del", n]);
+            }
+        }
+    }
+
+    fn eni(id: &str, mac: &str, ip: [u8; 4]) -> EniView {
+        EniView {
+            id: id.into(),
+            instance: "i-1".into(),
+            device: 1,
+            mac: mac.into(),
+            primary_ip: Ipv4Addr::from(ip),
+            subnet_id: "subnet-a".into(),
+            addresses: vec![],
+        }
+    }
+
+    /// An ENI freed and another attached at the same device between two passes (custom
+    /// networking swaps a node's ENIs so) gets its own link in the node, with its MAC: the
+    /// fabric once kept the old pair because the device's link name was there, and the new
+    /// ENI's link never appeared (found by the cluster test).
+    #[test]
+    fn a_device_given_to_another_eni_between_passes_gets_the_new_enis_link() {
+        let tag = std::process::id();
+        let (fab, node) = (format!("tfab-{tag}"), format!("tnode-{tag}"));
+        let _ns = Netns(vec![fab.clone(), node.clone()]);
+        for n in [&fab, &node] {
+            assert!(quiet(&["ip", "netns", "add", n]), "ip netns add {n}");
+        }
+        let spec = FabricSpec {
+            nodes: [("i-1".to_string(), (1, node.clone()))].into(),
+            subnets: [("subnet-a".to_string(), (Ipv4Addr::new(10, 9, 0, 0), 24))].into(),
+        };
+        let mac_of = |node: &str| {
+            json_of(&["ip", "-n", node, "-j", "link", "show", "eth1"])
+                .and_then(|v| v[0]["address"].as_str().map(str::to_string))
+        };
+        let fab_path = format!("/var/run/netns/{fab}");
+        let pass = |enis: Vec<EniView>| {
+            let spec = spec.clone();
+            in_netns(&fab_path, move || converge_fabric(&spec, &enis));
+        };
+        pass(vec![eni("eni-old", "02:00:00:00:00:01", [10, 9, 0, 10])]);
+        assert_eq!(mac_of(&node).as_deref(), Some("02:00:00:00:00:01"));
+        pass(vec![eni("eni-new", "02:00:00:00:00:02", [10, 9, 0, 20])]);
+        assert_eq!(
+            mac_of(&node).as_deref(),
+            Some("02:00:00:00:00:02"),
+            "the node's eth1 is still the freed ENI's"
+        );
+        // The same ENI again: the pair stays (no flap on every pass).
+        let index = |node: &str| {
+            json_of(&["ip", "-n", node, "-j", "link", "show", "eth1"])
+                .and_then(|v| v[0]["ifindex"].as_u64())
+        };
+        let before = index(&node);
+        pass(vec![eni("eni-new", "02:00:00:00:00:02", [10, 9, 0, 20])]);
+        assert_eq!(index(&node), before);
+        // Freed: the pair goes.
+        pass(vec![]);
+        assert_eq!(mac_of(&node), None);
+    }
 }
