@@ -848,6 +848,13 @@ imageGCHighThresholdPercent: 100
         }
     }
 
+    /// Lab node `i`'s ipamd `/v1/pool` (null when it does not answer).
+    pub fn pool(&self, i: usize) -> Value {
+        crate::lab::in_netns(&self.lab.nodes[i].ns_path(), || {
+            ipamd::cli::http_get("127.0.0.1:61679", "/v1/pool").unwrap_or(Value::Null)
+        })
+    }
+
     /// `kubectl rollout status` until done.
     pub fn wait_rollout(&self, ns: &str, what: &str, within: Duration) {
         let (ok, out) = self.kubectl(&[
@@ -918,16 +925,11 @@ imageGCHighThresholdPercent: 100
             "name",
         ]);
         for p in daemons.lines() {
-            let (_, log) = self.kubectl(&["logs", "-n", "kube-system", "--tail=60", p]);
+            let (_, log) = self.kubectl(&["logs", "-n", "kube-system", "--tail=40", p]);
             msg.push_str(&tail(&format!("{p} log"), log));
         }
-        for n in &self.lab.nodes {
-            let pool = crate::lab::in_netns(&n.ns_path(), || {
-                ipamd::cli::http_get("127.0.0.1:61679", "/v1/pool")
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|e| e.to_string())
-            });
-            msg.push_str(&format!("\n--- {} /v1/pool\n{pool}\n", n.ns));
+        for (i, n) in self.lab.nodes.iter().enumerate() {
+            msg.push_str(&format!("\n--- {} /v1/pool\n{}\n", n.ns, self.pool(i)));
         }
         panic!("{msg}");
     }

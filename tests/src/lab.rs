@@ -885,10 +885,15 @@ mod tests {
             nodes: [("i-1".to_string(), (1, node.clone()))].into(),
             subnets: [("subnet-a".to_string(), (Ipv4Addr::new(10, 9, 0, 0), 24))].into(),
         };
-        let mac_of = |node: &str| {
-            json_of(&["ip", "-n", node, "-j", "link", "show", "eth1"])
-                .and_then(|v| v[0]["address"].as_str().map(str::to_string))
+        // The node's eth1: its MAC and its ifindex (a new pair has a new one).
+        let eth1 = |node: &str| {
+            let v = json_of(&["ip", "-n", node, "-j", "link", "show", "eth1"])?;
+            Some((
+                v[0]["address"].as_str()?.to_string(),
+                v[0]["ifindex"].as_u64()?,
+            ))
         };
+        let mac_of = |node: &str| eth1(node).map(|(mac, _)| mac);
         let fab_path = format!("/var/run/netns/{fab}");
         let pass = |enis: Vec<EniView>| {
             let spec = spec.clone();
@@ -903,13 +908,9 @@ mod tests {
             "the node's eth1 is still the freed ENI's"
         );
         // The same ENI again: the pair stays (no flap on every pass).
-        let index = |node: &str| {
-            json_of(&["ip", "-n", node, "-j", "link", "show", "eth1"])
-                .and_then(|v| v[0]["ifindex"].as_u64())
-        };
-        let before = index(&node);
+        let before = eth1(&node);
         pass(vec![eni("eni-new", "02:00:00:00:00:02", [10, 9, 0, 20])]);
-        assert_eq!(index(&node), before);
+        assert_eq!(eth1(&node), before);
         // Freed: the pair goes.
         pass(vec![]);
         assert_eq!(mac_of(&node), None);

@@ -12,7 +12,6 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use vpc_cni_tests::cluster::{AWS_NODE_IMAGE, Cluster, zone_of_node};
 use vpc_cni_tests::lab::{INTERNET_ADDR, in_fabric, in_netns};
 
@@ -715,13 +714,6 @@ spec:
 }
 
 /// ipamd's /v1/pool on node `i` (introspection on the node's loopback).
-fn pool(c: &Cluster, i: usize) -> Value {
-    let ns = c.lab.nodes[i].ns_path();
-    in_netns(&ns, || {
-        ipamd::cli::http_get("127.0.0.1:61679", "/v1/pool").unwrap_or(Value::Null)
-    })
-}
-
 async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
     let node = node_of(c, 1);
     let instance = c.lab.nodes[1].instance.clone();
@@ -734,17 +726,17 @@ async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
         .count();
     c.kubectl_ok(&["cordon", &node]);
     let t0 = Instant::now();
-    while pool(c, 1)["node"]["eniHold"].is_null() {
+    while c.pool(1)["node"]["eniHold"].is_null() {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "ipamd did not see the cordon: {}",
-            pool(c, 1)
+            c.pool(1)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!(
         "ipamd on {node} holds ENIs: {}",
-        pool(c, 1)["node"]["eniHold"]
+        c.pool(1)["node"]["eniHold"]
     );
     // The node controller adds the taint too.
     let t0 = Instant::now();
@@ -775,7 +767,7 @@ async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
     // and the cordon holds it: no ENI freed or attached while cordoned.
     let t0 = Instant::now();
     loop {
-        let p = pool(c, 1);
+        let p = c.pool(1);
         if p["next"] == "free an ENI" && !p["node"]["eniHold"].is_null() {
             eprintln!(
                 "drained {node}: the policy says {}, held: {}",
@@ -800,7 +792,7 @@ async fn cordon_and_drain_hold_enis(c: &mut Cluster) {
     assert_eq!(enis_during, enis_before, "ENIs changed on a cordoned node");
     c.kubectl_ok(&["uncordon", &node]);
     let t0 = Instant::now();
-    while !pool(c, 1)["node"]["eniHold"].is_null() {
+    while !c.pool(1)["node"]["eniHold"].is_null() {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "ipamd did not see the uncordon"
@@ -956,7 +948,7 @@ async fn custom_networking_puts_pods_on_the_pod_subnets(c: &Cluster) {
     for (i, name) in names.iter().enumerate() {
         let t = Instant::now();
         loop {
-            let p = pool(c, i);
+            let p = c.pool(i);
             if p["customNetworking"]["MyENI"] == name.as_str()
                 && p["customNetworking"]["problem"].is_null()
             {
