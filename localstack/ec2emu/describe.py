@@ -1,4 +1,4 @@
-"""Print an instance's ENIs as EC2 holds them: device, ENI id, primary, secondaries, prefixes."""
+"""Print an instance's ENIs as EC2 holds them: device, ENI id, primary, secondaries, prefixes (IPv4 /28s and IPv6 /80s)."""
 
 import argparse
 
@@ -22,6 +22,7 @@ def main(argv=None):
     for e in enis:
         sec = [x["PrivateIpAddress"] for x in e["PrivateIpAddresses"] if not x.get("Primary")]
         pfx = [p["Ipv4Prefix"] for p in e.get("Ipv4Prefixes", [])]
+        pfx += [p["Ipv6Prefix"] for p in e.get("Ipv6Prefixes", [])]
         print(f"    {e['Attachment']['DeviceIndex']:<4}{e['NetworkInterfaceId']:<24}{e['PrivateIpAddress']:<14}{len(sec):<15}{' '.join(pfx) or '-'}")
 
 

@@ -11,7 +11,13 @@ Patched in-process (moto's models are plain Python objects):
 - DeleteOnTermination is honoured (ModifyNetworkInterfaceAttribute and TerminateInstances);
 - optionally, detaching takes time (status "detaching") as it does on EC2;
 - each ENI has its own security groups (moto shows an attached ENI with its instance's
-  groups added, which EC2 never does: custom networking puts pod ENIs in other groups).
+  groups added, which EC2 never does: custom networking puts pod ENIs in other groups);
+- IPv6 as EC2 has it for prefix delegation: a VPC's Amazon-provided /56 is deterministic
+  (2600:1f14:0:<n>00::/56 for the n-th), addresses are unique in the subnet's /64 and
+  never reserved, /80 prefixes (Ipv6PrefixCount, Ipv6Prefixes) wholly free, both counted
+  against the instance type's IPv6 addresses per interface; AssignIpv6Addresses returns
+  only what it assigned (moto returns every address of the ENI); a subnet without an IPv6
+  block refuses them.
 """
 
 import threading
@@ -22,6 +28,7 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface, NetworkInterfaceBackend
 from moto.ec2.models.instance_types import INSTANCE_TYPES
 from moto.ec2.models.instances import Instance
+from moto.ec2.models import vpcs
 from moto.ec2.models.subnets import Subnet
 from moto.ec2.responses.elastic_network_interfaces import ElasticNetworkInterfaces
 from moto.ec2.utils import add_tag_specification
@@ -79,6 +86,118 @@ def used_in_subnet(backend, subnet, include_reserved_for_instances=True):
     return used
 
 
+def eni_ipv6(eni):
+    return [a for a in getattr(eni, "ipv6_addresses", None) or [] if a]
+
+
+def eni_prefixes6(eni):
+    return [p["Ipv6Prefix"] for p in getattr(eni, "ipv6_prefixes", None) or []]
+
+
+def subnet_ipv6_cidr(subnet):
+    for assoc in (getattr(subnet, "ipv6_cidr_block_associations", None) or {}).values():
+        cidr = assoc.get("ipv6CidrBlock")
+        if cidr:
+            return cidr
+    return None
+
+
+def used6_in_subnet(backend, subnet):
+    """(address ints, /80 prefix network ints) on the subnet's ENIs."""
+    addrs, prefixes = set(), set()
+    for eni in backend.enis.values():
+        if eni.subnet.id != subnet.id:
+            continue
+        addrs.update(addressing.to_int6(a) for a in eni_ipv6(eni))
+        for p in eni_prefixes6(eni):
+            prefixes.add(addressing.to_int6(p.split("/")[0]))
+    return addrs, prefixes
+
+
+def slots6_used(eni):
+    return len(eni_ipv6(eni)) + len(eni_prefixes6(eni))
+
+
+def slot6_limit(eni):
+    if eni.instance is not None:
+        return slot6_limit_of(eni.instance)
+    return UNATTACHED_ADDRESS_LIMIT
+
+
+def take_ipv6(backend, subnet, ips, count, prefixes, prefix_count, slots_now, limit):
+    """Checks and allocates IPv6 addresses and /80 prefixes in `subnet`; returns (ips, prefixes)."""
+    wanted = len(ips) + count + len(prefixes) + prefix_count
+    if not wanted:
+        return [], []
+    cidr = subnet_ipv6_cidr(subnet)
+    if cidr is None:
+        raise EmuError(
+            "InvalidParameterValue", f"The subnet {subnet.id} has no IPv6 CIDR block: it cannot hold IPv6 addresses."
+        )
+    if slots_now + wanted > limit:
+        raise EmuError(
+            "PrivateIpAddressLimitExceeded", "Number of IPv6 addresses and prefixes will exceed the interface's limit."
+        )
+    used, taken = used6_in_subnet(backend, subnet)
+    for ip in ips:
+        if not addressing.is_usable6(cidr, ip):
+            raise EmuError("InvalidParameterValue", f"Address {ip} is not in {cidr} or is reserved.")
+        n = addressing.to_int6(ip)
+        if n in used or (n >> addressing.PREFIX6_SHIFT << addressing.PREFIX6_SHIFT) in taken:
+            raise EmuError("InvalidIPAddress.InUse", f"Address {ip} is in use.")
+        used.add(n)
+    for p in prefixes:
+        try:
+            ok = addressing.prefix6_is_free(cidr, p, used, taken)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise EmuError("InvalidParameterValue", f"Prefix {p} is not an aligned /80 within {cidr}, or is in use.")
+        taken.add(addressing.to_int6(p.split("/")[0]))
+    try:
+        new_ips = list(ips) + addressing.allocate_addresses6(cidr, used, taken, count)
+    except addressing.InsufficientAddresses:
+        raise EmuError(
+            "InsufficientFreeAddressesInSubnet", f"The specified subnet {subnet.id} does not have enough free addresses."
+        )
+    used.update(addressing.to_int6(a) for a in new_ips)
+    try:
+        new_prefixes = list(prefixes) + addressing.allocate_prefixes6(cidr, used, taken, prefix_count)
+    except addressing.InsufficientCidrBlocks:
+        raise EmuError(
+            "InsufficientCidrBlocks", f"The specified subnet {subnet.id} does not have enough free cidr blocks."
+        )
+    return new_ips, new_prefixes
+
+
+def assign6(self, eni_id, ips, count, prefixes, prefix_count):
+    eni = self.get_network_interface(eni_id)
+    new_ips, new_prefixes = take_ipv6(
+        self, eni.subnet, ips, count, prefixes, prefix_count, slots6_used(eni), slot6_limit(eni)
+    )
+    eni.ipv6_addresses = eni_ipv6(eni) + new_ips
+    eni.ipv6_prefixes = (getattr(eni, "ipv6_prefixes", None) or []) + [{"Ipv6Prefix": p} for p in new_prefixes]
+    mark_appeared(*[(eni.id, a) for a in new_ips + new_prefixes])
+    return eni, new_ips, new_prefixes
+
+
+def unassign6(self, eni_id, ips, prefixes):
+    eni = self.get_network_interface(eni_id)
+    have, have_p = set(eni_ipv6(eni)), set(eni_prefixes6(eni))
+    missing = [ip for ip in ips if ip not in have] + [p for p in prefixes if p not in have_p]
+    if missing:
+        raise EmuError(
+            "InvalidParameterValue",
+            f"Some of the specified IPv6 addresses or prefixes are not assigned to interface {eni.id}: "
+            + ", ".join(missing),
+        )
+    eni.ipv6_addresses = [a for a in eni_ipv6(eni) if a not in ips]
+    eni.ipv6_prefixes = [p for p in getattr(eni, "ipv6_prefixes", None) or [] if p["Ipv6Prefix"] not in prefixes]
+    for k in ips + prefixes:
+        APPEARED_AT.pop((eni.id, k), None)
+    return eni
+
+
 def slots_used(eni):
     return len(eni_addresses(eni)) + len(eni_prefixes(eni))
 
@@ -87,6 +206,11 @@ def slot_limit(eni):
     if eni.instance is not None:
         return network_info(eni.instance.instance_type)[1]
     return UNATTACHED_ADDRESS_LIMIT
+
+
+def slot6_limit_of(instance):
+    info = INSTANCE_TYPES.get(instance.instance_type, {}).get("NetworkInfo", {})
+    return int(info.get("Ipv6AddressesPerInterface", 0))
 
 
 def limit_error():
@@ -164,6 +288,10 @@ def create_network_interface(
     secondary = int(kwargs.pop("secondary_ips_count", 0) or 0)
     prefix_count = int(kwargs.pop("ipv4_prefix_count", 0) or 0)
     prefixes = list(kwargs.pop("ipv4_prefixes", None) or [])
+    ipv6_ips = [a for a in kwargs.pop("ipv6_addresses", None) or [] if a]
+    ipv6_count = int(kwargs.pop("ipv6_address_count", 0) or 0)
+    ipv6_prefixes = list(kwargs.pop("ipv6_prefixes", None) or [])
+    ipv6_prefix_count = int(kwargs.pop("ipv6_prefix_count", 0) or 0)
     if isinstance(private_ip_address, list):
         private_ip_address = private_ip_address[0] if private_ip_address else None
     explicit = []
@@ -191,6 +319,9 @@ def create_network_interface(
     for p in prefixes:
         used.update(addressing.prefix_addresses(p))
     prefixes += allocate_prefixes(subnet, used, prefix_count)
+    new6, new6_prefixes = take_ipv6(
+        self, subnet, ipv6_ips, ipv6_count, ipv6_prefixes, ipv6_prefix_count, 0, UNATTACHED_ADDRESS_LIMIT
+    )
     if kwargs.get("device_index") == 0 and description == "Primary network interface":
         delete_on_termination = True  # as RunInstances does for the primary ENI
     addrs = [{"Primary": True, "PrivateIpAddress": private_ip_address}] + [
@@ -208,7 +339,10 @@ def create_network_interface(
         **kwargs,
     )
     eni.ipv4_prefixes = [{"Ipv4Prefix": p} for p in prefixes]
+    eni.ipv6_addresses = new6
+    eni.ipv6_prefixes = [{"Ipv6Prefix": p} for p in new6_prefixes]
     mark_appeared(*[(eni.id, a) for a in [private_ip_address] + secondaries], *[(eni.id, p) for p in prefixes])
+    mark_appeared(*[(eni.id, a) for a in new6 + new6_prefixes])
     return eni
 
 
@@ -268,7 +402,7 @@ def attach(self, eni_id, instance_id, device_index):
             "AttachmentLimitExceeded",
             f"Interface count {len(instance.nics) + 1} exceeds the limit for {instance.instance_type}",
         )
-    if slots_used(eni) > per_eni:
+    if slots_used(eni) > per_eni or slots6_used(eni) > slot6_limit_of(instance):
         raise limit_error()
     if eni.subnet.availability_zone != instance._placement.zone:
         raise EmuError(
@@ -376,8 +510,35 @@ def resp_create_network_interface(self):
         secondary_ips_count=self._get_int_param("SecondaryPrivateIpAddressCount", 0),
         ipv4_prefix_count=self._get_int_param("Ipv4PrefixCount", 0),
         ipv4_prefixes=_strs(self._get_param("Ipv4Prefixes", []), "Ipv4Prefix"),
+        ipv6_addresses=_strs(self._get_param("Ipv6Addresses", []), "Ipv6Address"),
+        ipv6_address_count=self._get_int_param("Ipv6AddressCount", 0),
+        ipv6_prefixes=_strs(self._get_param("Ipv6Prefixes", []), "Ipv6Prefix"),
+        ipv6_prefix_count=self._get_int_param("Ipv6PrefixCount", 0),
     )
     return ActionResult({"NetworkInterface": eni})
+
+
+def resp_assign_ipv6_addresses(self):
+    eni, ips, prefixes = assign6(
+        self.ec2_backend,
+        self._get_param("NetworkInterfaceId"),
+        _strs(self._get_param("Ipv6Addresses", []), "Ipv6Address"),
+        self._get_int_param("Ipv6AddressCount", 0),
+        _strs(self._get_param("Ipv6Prefixes", []), "Ipv6Prefix"),
+        self._get_int_param("Ipv6PrefixCount", 0),
+    )
+    return ActionResult(
+        {"NetworkInterfaceId": eni.id, "AssignedIpv6Addresses": ips, "AssignedIpv6Prefixes": prefixes}
+    )
+
+
+def resp_unassign_ipv6_addresses(self):
+    ips = _strs(self._get_param("Ipv6Addresses", []), "Ipv6Address")
+    prefixes = _strs(self._get_param("Ipv6Prefixes", []), "Ipv6Prefix")
+    eni = unassign6(self.ec2_backend, self._get_param("NetworkInterfaceId"), ips, prefixes)
+    return ActionResult(
+        {"NetworkInterfaceId": eni.id, "UnassignedIpv6Addresses": ips, "UnassignedIpv6Prefixes": prefixes}
+    )
 
 
 def resp_assign_private_ip_addresses(self):
@@ -446,6 +607,18 @@ def install():
     ElasticNetworkInterfaces.assign_private_ip_addresses = resp_assign_private_ip_addresses
     ElasticNetworkInterfaces.unassign_private_ip_addresses = resp_unassign_private_ip_addresses
     ElasticNetworkInterfaces.modify_network_interface_attribute = resp_modify_network_interface_attribute
+    ElasticNetworkInterfaces.assign_ipv6_addresses = resp_assign_ipv6_addresses
+    ElasticNetworkInterfaces.unassign_ipv6_addresses = resp_unassign_ipv6_addresses
+    vpcs.random_ipv6_cidr = _next_vpc_ipv6_cidr
+
+
+_VPC_IPV6_SEQ = [0]
+
+
+def _next_vpc_ipv6_cidr():
+    # Amazon-provided blocks, in order: 2600:1f14:0:100::/56, 2600:1f14:0:200::/56, ...
+    _VPC_IPV6_SEQ[0] += 1
+    return f"2600:1f14:0:{_VPC_IPV6_SEQ[0]:x}00::/56"
 
 
 def _available_ip_address_count(self):

@@ -80,13 +80,27 @@ def _eni_tree(eni):
     prefixes = [p for p in ec2.eni_prefixes(eni) if _visible((eni.id, p))]
     if prefixes:
         tree["ipv4-prefix"] = "\n".join(prefixes)
+    # IPv6 keys exist only where there is IPv6, as on EC2.
+    subnet6 = ec2.subnet_ipv6_cidr(subnet)
+    if subnet6:
+        tree["subnet-ipv6-cidr-blocks"] = subnet6
+    vpc6 = [a["ipv6CidrBlock"] for a in getattr(vpc, "ipv6_cidr_block_association_set", None) or []]
+    if vpc6:
+        tree["vpc-ipv6-cidr-blocks"] = "\n".join(vpc6)
+    ipv6s = [a for a in ec2.eni_ipv6(eni) if _visible((eni.id, a))]
+    if ipv6s:
+        tree["ipv6s"] = "\n".join(ipv6s)
+    prefixes6 = [p for p in ec2.eni_prefixes6(eni) if _visible((eni.id, p))]
+    if prefixes6:
+        tree["ipv6-prefix"] = "\n".join(prefixes6)
     return tree
 
 
 def _tree(instance):
     enis = _enis(instance)
     primary = instance.nics.get(0)
-    return {
+    ipv6 = ec2.eni_ipv6(primary) if primary else []
+    tree = {
         "instance-id": instance.id,
         "instance-type": instance.instance_type,
         "ami-id": instance.image_id,
@@ -102,6 +116,9 @@ def _tree(instance):
             "security-credentials": {ROLE: _credentials()},
         },
     }
+    if ipv6:
+        tree["ipv6"] = ipv6[0]
+    return tree
 
 
 ROLE = "eks-node-role"

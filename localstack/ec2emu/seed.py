@@ -5,6 +5,7 @@ pods-<n>) and a security group named pods. Prints the instance ids, one per line
 (everything else goes to stderr)."""
 
 import argparse
+import ipaddress
 import json
 import sys
 import urllib.request
@@ -36,6 +37,12 @@ def main(argv=None):
         help="availability zones <region>a, b, ...: instance i goes to zone i mod N; zone k > 0 gets a node "
         "subnet nodes-<k> of its own, 10.0.(16 + 16k).0/20, tagged for subnet discovery as the first",
     )
+    ap.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual-stack: the VPC gets an Amazon-provided /56, every subnet a /64 of it (the k-th subnet made, "
+        "block + k), each instance's primary ENI one IPv6 address",
+    )
     ap.add_argument("--imds-delay", type=float, default=0.0, help="IMDS lags EC2 by this many seconds")
     a = ap.parse_args(argv)
     if a.count < 1:
@@ -51,11 +58,23 @@ def main(argv=None):
         aws_secret_access_key="testing",
     )
     az = f"{a.region}a"
-    vpc = ec2.create_vpc(CidrBlock=a.vpc_cidr)["Vpc"]["VpcId"]
+    made = ec2.create_vpc(CidrBlock=a.vpc_cidr, AmazonProvidedIpv6CidrBlock=a.ipv6)["Vpc"]
+    vpc = made["VpcId"]
+    block6 = made["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"] if a.ipv6 else None
+    if block6:
+        print(f"VPC IPv6 block {block6}", file=sys.stderr)
+    subnets6 = [0]
+
+    def create_subnet(**kw):
+        if block6:
+            net = ipaddress.IPv6Network(block6)
+            kw["Ipv6CidrBlock"] = str(ipaddress.IPv6Network((int(net.network_address) + (subnets6[0] << 64), 64)))
+            subnets6[0] += 1
+        return ec2.create_subnet(**kw)
     tag = lambda kind, name, extra=(): [  # noqa: E731
         {"ResourceType": kind, "Tags": [{"Key": "Name", "Value": name}, *extra]}
     ]
-    subnet = ec2.create_subnet(
+    subnet = create_subnet(
         VpcId=vpc,
         CidrBlock=a.subnet_cidr,
         AvailabilityZone=az,
@@ -65,7 +84,7 @@ def main(argv=None):
     for k in range(1, a.zones):
         zk = f"{a.region}{'abcdef'[k]}"
         cidr = f"10.0.{16 + 16 * k}.0/20"
-        sk = ec2.create_subnet(
+        sk = create_subnet(
             VpcId=vpc,
             CidrBlock=cidr,
             AvailabilityZone=zk,
@@ -73,7 +92,7 @@ def main(argv=None):
         )["Subnet"]["SubnetId"]
         print(f"node subnet nodes-{k} {sk} ({cidr}, {zk})", file=sys.stderr)
         zones.append((zk, sk))
-    small = ec2.create_subnet(
+    small = create_subnet(
         VpcId=vpc, CidrBlock=a.small_subnet_cidr, AvailabilityZone=az, TagSpecifications=tag("subnet", "small")
     )["Subnet"]["SubnetId"]
     sg = ec2.create_security_group(GroupName="nodes", Description="nodes", VpcId=vpc)["GroupId"]
@@ -85,7 +104,7 @@ def main(argv=None):
         print(f"secondary VPC block {a.pod_vpc_cidr}, security group pods {pods_sg}", file=sys.stderr)
         for n, spec in enumerate(a.pod_subnet):
             cidr, _, pod_az = spec.partition("@")
-            sid = ec2.create_subnet(
+            sid = create_subnet(
                 VpcId=vpc, CidrBlock=cidr, AvailabilityZone=pod_az or az, TagSpecifications=tag("subnet", f"pods-{n}")
             )["Subnet"]["SubnetId"]
             print(f"pod subnet pods-{n} {sid} ({cidr}, {pod_az or az})", file=sys.stderr)
@@ -100,6 +119,7 @@ def main(argv=None):
             SubnetId=in_subnet,
             SecurityGroupIds=[sg],
             Placement={"AvailabilityZone": zone},
+            **({"Ipv6AddressCount": 1} if a.ipv6 else {}),
         )
         return [i["InstanceId"] for i in res["Instances"]]
 

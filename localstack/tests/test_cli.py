@@ -66,6 +66,41 @@ def test_seed_spreads_instances_over_zones_each_with_its_node_subnet():
         run("stop", port=port)
 
 
+def test_seed_ipv6_makes_a_dual_stack_vpc():
+    import ipaddress
+
+    import boto3
+
+    port = free_port()
+    try:
+        run("start", port=port)
+        ids = run("seed", "--count", "2", "--zones", "2", "--ipv6", port=port).stdout.split()
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-west-2",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        (vpc,) = [v for v in ec2.describe_vpcs()["Vpcs"] if v.get("Ipv6CidrBlockAssociationSet")]
+        block = ipaddress.IPv6Network(vpc["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"])
+        subnets6 = [
+            ipaddress.IPv6Network(s["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"])
+            for s in ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])["Subnets"]
+        ]
+        assert len(subnets6) == 3 and len(set(subnets6)) == 3
+        assert all(n.prefixlen == 64 and n.subnet_of(block) for n in subnets6)
+        for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]:
+            for i in r["Instances"]:
+                eni = ec2.describe_network_interfaces(
+                    NetworkInterfaceIds=[i["NetworkInterfaces"][0]["NetworkInterfaceId"]]
+                )["NetworkInterfaces"][0]
+                (a,) = eni["Ipv6Addresses"]
+                assert any(ipaddress.IPv6Address(a["Ipv6Address"]) in n for n in subnets6)
+    finally:
+        run("stop", port=port)
+
+
 def test_busy_port_is_refused():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
