@@ -8,11 +8,16 @@
 //! snapshot is written atomically (temp file, fsync, rename) and then the journal is
 //! emptied; replaying a journal over a newer snapshot is harmless (the last change to
 //! each key wins), so a kill -9 at any instant loses nothing and doubles nothing.
+//!
+//! One file holds one family: `ipv4` entries on an IPv4 node, `ipv6` entries (as
+//! upstream writes them with ENABLE_IPv6) on an IPv6 node. An entry of the other family
+//! is not this node's state: the file is refused as a whole, naming it.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
+use std::hash::Hash;
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -57,9 +62,51 @@ pub struct FileAllocation {
     pub metadata: FileMetadata,
 }
 
+/// The address family of a checkpoint's entries: which of an entry's `ipv4` / `ipv6`
+/// fields holds the address.
+pub trait PodAddr:
+    Copy + Eq + Hash + Ord + std::fmt::Display + std::str::FromStr + Send + Sync + 'static
+{
+    /// "ipv4" or "ipv6", the entry's field.
+    const FIELD: &'static str;
+    /// The environment knob that serves the other family, for the refusal's message.
+    const OTHER_KNOB: &'static str;
+    /// This family's field of a pair `(ipv4, ipv6)`, and the other one.
+    fn pick<T>(v4: T, v6: T) -> (T, T);
+}
+
+impl PodAddr for Ipv4Addr {
+    const FIELD: &'static str = "ipv4";
+    const OTHER_KNOB: &'static str = "ENABLE_IPv6=true";
+    fn pick<T>(v4: T, v6: T) -> (T, T) {
+        (v4, v6)
+    }
+}
+
+impl PodAddr for Ipv6Addr {
+    const FIELD: &'static str = "ipv6";
+    const OTHER_KNOB: &'static str = "ENABLE_IPv4=true";
+    fn pick<T>(v4: T, v6: T) -> (T, T) {
+        (v6, v4)
+    }
+}
+
+/// `(ipv4, ipv6)` fields holding `ip` in its family's one.
+fn fields<A: PodAddr>(ip: &A) -> (Option<String>, Option<String>) {
+    let (mine, _) = A::pick(0, 1);
+    if mine == 0 {
+        (Some(ip.to_string()), None)
+    } else {
+        (None, Some(ip.to_string()))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileCooldown {
-    pub ipv4: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
     #[serde(rename = "releasedAt")]
     pub released_at: u64,
 }
@@ -93,7 +140,10 @@ enum JournalOp {
         container_id: String,
         #[serde(rename = "ifName")]
         if_name: String,
-        ipv4: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ipv4: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ipv6: Option<String>,
         #[serde(rename = "releasedAt")]
         released_at: u64,
     },
@@ -142,10 +192,10 @@ pub enum LoadError {
     Io { path: PathBuf, source: io::Error },
 }
 
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Loaded {
-    pub assignments: Vec<Assignment>,
-    pub cooldowns: Vec<(Ipv4Addr, u64)>,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A = Ipv4Addr> {
+    pub assignments: Vec<Assignment<A>>,
+    pub cooldowns: Vec<(A, u64)>,
     /// Lines replayed from the journal.
     pub journal_ops: usize,
     /// A journal without its snapshot: the snapshot was lost, so what the journal says
@@ -207,23 +257,38 @@ pub fn journal_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn to_assignment(a: &FileAllocation) -> Result<Assignment, String> {
-    let ip: Ipv4Addr = a
-        .ipv4
-        .as_deref()
-        .ok_or_else(|| {
+impl<A> Default for Loaded<A> {
+    fn default() -> Self {
+        Loaded {
+            assignments: Vec::new(),
+            cooldowns: Vec::new(),
+            journal_ops: 0,
+            snapshot_missing: false,
+        }
+    }
+}
+
+fn to_assignment<A: PodAddr>(a: &FileAllocation) -> Result<Assignment<A>, String> {
+    let (mine, other) = A::pick(&a.ipv4, &a.ipv6);
+    let Some(text) = mine.as_deref() else {
+        return Err(if other.is_some() {
             format!(
-                "allocation of {} has no ipv4 (IPv6 is not supported)",
-                a.container_id
+                "allocation of {} is not {} but the other family, which this node serves only with {}",
+                a.container_id,
+                A::FIELD,
+                A::OTHER_KNOB
             )
-        })?
-        .parse()
-        .map_err(|_| {
-            format!(
-                "allocation of {} has a bad ipv4 {:?}",
-                a.container_id, a.ipv4
-            )
-        })?;
+        } else {
+            format!("allocation of {} has no {}", a.container_id, A::FIELD)
+        });
+    };
+    let ip: A = text.parse().map_err(|_| {
+        format!(
+            "allocation of {} has a bad {} {text:?}",
+            a.container_id,
+            A::FIELD
+        )
+    })?;
     Ok(Assignment {
         key: SandboxKey {
             network: a.network.clone(),
@@ -241,13 +306,14 @@ fn to_assignment(a: &FileAllocation) -> Result<Assignment, String> {
     })
 }
 
-pub fn to_file(a: &Assignment) -> FileAllocation {
+pub fn to_file<A: PodAddr>(a: &Assignment<A>) -> FileAllocation {
+    let (ipv4, ipv6) = fields(&a.ip);
     FileAllocation {
         network: a.key.network.clone(),
         container_id: a.key.container_id.clone(),
         if_name: a.key.if_name.clone(),
-        ipv4: Some(a.ip.to_string()),
-        ipv6: None,
+        ipv4,
+        ipv6,
         allocation_timestamp: a.assigned_at_ns as i64,
         metadata: FileMetadata {
             namespace: a.pod.namespace.clone(),
@@ -256,27 +322,38 @@ pub fn to_file(a: &Assignment) -> FileAllocation {
     }
 }
 
-/// Reads the snapshot (upstream's file or ours) and replays our journal over it.
+/// Reads an IPv4 node's checkpoint: the snapshot (upstream's file or ours) and our
+/// journal replayed over it.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    load_family(path)
+}
+
+/// Reads a checkpoint of family `A` (see [`load`]).
+pub fn load_family<A: PodAddr>(path: &Path) -> Result<Loaded<A>, LoadError> {
     let jpath = journal_path(path);
     let snap = read_checkpoint_file(path, MAX_SNAPSHOT_BYTES)?;
     let journal = read_checkpoint_file(&jpath, MAX_JOURNAL_BYTES)?.unwrap_or_default();
     if snap.is_none() && journal.is_empty() {
         return Err(LoadError::Missing(path.to_path_buf()));
     }
-    parse(snap.as_deref(), &journal).map_err(|reason| LoadError::Corrupt {
+    parse_family(snap.as_deref(), &journal).map_err(|reason| LoadError::Corrupt {
         path: path.to_path_buf(),
         reason,
     })
 }
 
-/// The state a snapshot (if any) and a journal describe: no I/O, so it is what the
-/// fuzzer drives. `Err` says why the bytes are not a usable checkpoint.
+/// The state a snapshot (if any) and a journal of an IPv4 node describe: no I/O, so it
+/// is what the fuzzer drives. `Err` says why the bytes are not a usable checkpoint.
 pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
+    parse_family(snap, journal)
+}
+
+/// [`parse`] for a checkpoint of family `A`.
+pub fn parse_family<A: PodAddr>(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded<A>, String> {
     let corrupt = |reason: String| reason;
     let snapshot_missing = snap.is_none();
-    let mut allocs: HashMap<SandboxKey, Assignment> = HashMap::new();
-    let mut cooldowns: HashMap<Ipv4Addr, u64> = HashMap::new();
+    let mut allocs: HashMap<SandboxKey, Assignment<A>> = HashMap::new();
+    let mut cooldowns: HashMap<A, u64> = HashMap::new();
     if let Some(bytes) = snap {
         let s: Snapshot = serde_json::from_slice(bytes)
             .map_err(|e| corrupt(format!("not JSON of the expected shape: {e}")))?;
@@ -287,20 +364,14 @@ pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
             )));
         }
         for a in &s.allocations {
-            if a.ipv4.is_none() && a.ipv6.is_some() {
-                return Err(corrupt(format!(
-                    "allocation of {} is IPv6, which this daemon does not serve",
-                    a.container_id
-                )));
-            }
             let a = to_assignment(a).map_err(corrupt)?;
             allocs.insert(a.key.clone(), a);
         }
         for c in &s.cooldowns {
-            let ip = c
-                .ipv4
-                .parse()
-                .map_err(|_| corrupt(format!("bad cooldown address {:?}", c.ipv4)))?;
+            let text = A::pick(c.ipv4.as_deref(), c.ipv6.as_deref()).0;
+            let ip = text
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| corrupt(format!("bad cooldown {} {text:?}", A::FIELD)))?;
             cooldowns.insert(ip, c.released_at);
         }
     }
@@ -326,7 +397,7 @@ pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
         ops += 1;
         match op {
             JournalOp::Add(a) => {
-                let a = to_assignment(&a).map_err(corrupt)?;
+                let a = to_assignment::<A>(&a).map_err(corrupt)?;
                 cooldowns.remove(&a.ip);
                 allocs.insert(a.key.clone(), a);
                 if allocs.len() > MAX_ALLOCATIONS {
@@ -340,6 +411,7 @@ pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
                 container_id,
                 if_name,
                 ipv4,
+                ipv6,
                 released_at,
             } => {
                 let key = SandboxKey {
@@ -348,13 +420,14 @@ pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
                     if_name,
                 };
                 allocs.remove(&key);
-                if let Ok(ip) = ipv4.parse() {
+                let text = A::pick(ipv4, ipv6).0;
+                if let Some(ip) = text.and_then(|t| t.parse().ok()) {
                     cooldowns.insert(ip, released_at);
                 }
             }
         }
     }
-    let mut seen: HashMap<Ipv4Addr, &SandboxKey> = HashMap::new();
+    let mut seen: HashMap<A, &SandboxKey> = HashMap::new();
     for a in allocs.values() {
         if let Some(other) = seen.insert(a.ip, &a.key) {
             return Err(corrupt(format!(
@@ -366,9 +439,9 @@ pub fn parse(snap: Option<&[u8]>, journal: &[u8]) -> Result<Loaded, String> {
     for ip in seen.keys() {
         cooldowns.remove(ip);
     }
-    let mut assignments: Vec<Assignment> = allocs.into_values().collect();
+    let mut assignments: Vec<Assignment<A>> = allocs.into_values().collect();
     assignments.sort_by(|a, b| a.key.cmp(&b.key));
-    let mut cooldowns: Vec<(Ipv4Addr, u64)> = cooldowns.into_iter().collect();
+    let mut cooldowns: Vec<(A, u64)> = cooldowns.into_iter().collect();
     cooldowns.sort();
     Ok(Loaded {
         assignments,
@@ -409,15 +482,19 @@ pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
     Ok(to)
 }
 
-fn snapshot_bytes(assignments: &[Assignment], cooldowns: &[(Ipv4Addr, u64)]) -> Vec<u8> {
+fn snapshot_bytes<A: PodAddr>(assignments: &[Assignment<A>], cooldowns: &[(A, u64)]) -> Vec<u8> {
     let s = Snapshot {
         version: VERSION.to_string(),
         allocations: assignments.iter().map(to_file).collect(),
         cooldowns: cooldowns
             .iter()
-            .map(|(ip, t)| FileCooldown {
-                ipv4: ip.to_string(),
-                released_at: *t,
+            .map(|(ip, t)| {
+                let (ipv4, ipv6) = fields(ip);
+                FileCooldown {
+                    ipv4,
+                    ipv6,
+                    released_at: *t,
+                }
             })
             .collect(),
     };
@@ -425,12 +502,16 @@ fn snapshot_bytes(assignments: &[Assignment], cooldowns: &[(Ipv4Addr, u64)]) -> 
 }
 
 /// Writes a snapshot atomically: a reader sees the old file or the new one, never half.
-pub fn write_snapshot(
+pub fn write_snapshot<A: PodAddr>(
     path: &Path,
-    assignments: &[Assignment],
-    cooldowns: &[(Ipv4Addr, u64)],
+    assignments: &[Assignment<A>],
+    cooldowns: &[(A, u64)],
     sync: bool,
 ) -> io::Result<()> {
+    write_snapshot_bytes(path, &snapshot_bytes(assignments, cooldowns), sync)
+}
+
+fn write_snapshot_bytes(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -454,7 +535,7 @@ pub fn write_snapshot(
     }
     {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(&snapshot_bytes(assignments, cooldowns))?;
+        f.write_all(bytes)?;
         if sync {
             f.sync_all()?;
         }
@@ -469,8 +550,8 @@ pub fn write_snapshot(
 enum Msg {
     Line(Vec<u8>, oneshot::Sender<io::Result<()>>),
     Compact {
-        assignments: Vec<Assignment>,
-        cooldowns: Vec<(Ipv4Addr, u64)>,
+        /// Serialises the snapshot: run by the writer thread, not under the caller's lock.
+        bytes: Box<dyn FnOnce() -> Vec<u8> + Send>,
         done: oneshot::Sender<io::Result<()>>,
     },
 }
@@ -591,22 +672,19 @@ impl Journal {
                                 buf.extend_from_slice(&l);
                                 acks.push(ack);
                             }
-                            Msg::Compact {
-                                assignments,
-                                cooldowns,
-                                done,
-                            } => {
+                            Msg::Compact { bytes, done } => {
                                 // Lines queued before the snapshot are in it; write them first
                                 // so the order holds however the compaction ends.
                                 flush(&mut file, &mut buf, &mut acks);
-                                let r = write_snapshot(&snap_path, &assignments, &cooldowns, sync)
-                                    .and_then(|_| {
+                                let r = write_snapshot_bytes(&snap_path, &bytes(), sync).and_then(
+                                    |_| {
                                         file.set_len(0)?;
                                         if sync {
                                             file.sync_data()?;
                                         }
                                         Ok(())
-                                    });
+                                    },
+                                );
                                 let _ = done.send(r);
                             }
                         }
@@ -644,16 +722,18 @@ impl Journal {
 
     /// Records an assignment. Call under the datastore lock, so the journal's order is
     /// the datastore's; await the result outside it.
-    pub fn record_add(&self, a: &Assignment) -> Pending {
+    pub fn record_add<A: PodAddr>(&self, a: &Assignment<A>) -> Pending {
         self.send_line(&JournalOp::Add(to_file(a)))
     }
 
-    pub fn record_del(&self, a: &Assignment, released_ns: u64) -> Pending {
+    pub fn record_del<A: PodAddr>(&self, a: &Assignment<A>, released_ns: u64) -> Pending {
+        let f = to_file(a);
         self.send_line(&JournalOp::Del {
-            network: a.key.network.clone(),
-            container_id: a.key.container_id.clone(),
-            if_name: a.key.if_name.clone(),
-            ipv4: a.ip.to_string(),
+            network: f.network,
+            container_id: f.container_id,
+            if_name: f.if_name,
+            ipv4: f.ipv4,
+            ipv6: f.ipv6,
             released_at: released_ns,
         })
     }
@@ -675,10 +755,10 @@ impl Journal {
 
     /// Writes a snapshot of this state and empties the journal (call under the lock
     /// with the datastore's current state; await outside it).
-    pub fn compact(
+    pub fn compact<A: PodAddr>(
         &self,
-        assignments: Vec<Assignment>,
-        cooldowns: Vec<(Ipv4Addr, u64)>,
+        assignments: Vec<Assignment<A>>,
+        cooldowns: Vec<(A, u64)>,
     ) -> Pending {
         match &*self.inner {
             JournalInner::Inline { file, snap_path } => {
@@ -691,8 +771,7 @@ impl Journal {
             JournalInner::Thread { tx } => {
                 let (done, rx) = oneshot::channel();
                 let _ = tx.send(Msg::Compact {
-                    assignments,
-                    cooldowns,
+                    bytes: Box::new(move || snapshot_bytes(&assignments, &cooldowns)),
                     done,
                 });
                 Pending::Queued(rx)
@@ -818,6 +897,75 @@ mod tests {
         );
     }
 
+    fn a6(c: &str, ip: &str) -> Assignment<Ipv6Addr> {
+        let v4 = a(c, "10.0.0.1");
+        Assignment {
+            key: v4.key,
+            ip: ip.parse().unwrap(),
+            eni: v4.eni,
+            device_number: 0,
+            assigned_at_ns: v4.assigned_at_ns,
+            pod: v4.pod,
+        }
+    }
+
+    #[test]
+    fn reads_upstream_ipv6_file_and_refuses_the_other_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        // As aws-node v1.23 writes it with ENABLE_IPv6=true: only `ipv6` in each entry.
+        fs::write(
+            &p,
+            r#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":"9c2f","ifName":"eth0","ipv6":"2600:1f14:0:100:4a3e::2","allocationTimestamp":1716812345123456789,"metadata":{"k8sPodNamespace":"kube-system","k8sPodName":"coredns-5d8f"}}]}"#,
+        )
+        .unwrap();
+        let l = load_family::<Ipv6Addr>(&p).unwrap();
+        assert_eq!(l.assignments.len(), 1);
+        assert_eq!(l.assignments[0].ip.to_string(), "2600:1f14:0:100:4a3e::2");
+        assert_eq!(l.assignments[0].pod.name, "coredns-5d8f");
+        // An IPv4 node refuses it, naming the knob; an IPv6 node refuses an IPv4 file.
+        match load(&p) {
+            Err(LoadError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("ENABLE_IPv6=true"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        write_snapshot(&p, &[a("c1", "10.0.0.5")], &[], false).unwrap();
+        match load_family::<Ipv6Addr>(&p) {
+            Err(LoadError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("ENABLE_IPv4=true"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn ipv6_journal_replays_and_compacts_as_upstream_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        let j = Journal::start(&p, true).unwrap();
+        let (x, y) = (
+            a6("c1", "2600:1f14:0:100:1::1"),
+            a6("c2", "2600:1f14:0:100:1::2"),
+        );
+        j.record_add(&x).durable().await.unwrap();
+        j.record_add(&y).durable().await.unwrap();
+        j.record_del(&x, 42).durable().await.unwrap();
+        let l = load_family::<Ipv6Addr>(&p).unwrap();
+        assert_eq!(l.assignments, vec![y.clone()]);
+        assert_eq!(l.cooldowns, vec![(x.ip, 42)]);
+        j.compact(l.assignments.clone(), l.cooldowns.clone())
+            .durable()
+            .await
+            .unwrap();
+        let text = fs::read_to_string(&p).unwrap();
+        assert!(
+            text.contains(r#""ipv6":"2600:1f14:0:100:1::2""#) && !text.contains("ipv4"),
+            "{text}"
+        );
+        assert_eq!(load_family::<Ipv6Addr>(&p).unwrap().assignments, vec![y]);
+    }
+
     #[test]
     fn stale_journal_over_newer_snapshot_converges() {
         let dir = tempfile::tempdir().unwrap();
@@ -830,7 +978,8 @@ mod tests {
                 network: "aws-cni".into(),
                 container_id: "c1".into(),
                 if_name: "eth0".into(),
-                ipv4: "10.0.0.5".into(),
+                ipv4: Some("10.0.0.5".into()),
+                ipv6: None,
                 released_at: 1,
             })
             .unwrap(),

@@ -27,10 +27,11 @@ pub struct PodRef {
     pub name: String,
 }
 
+/// A sandbox's address: IPv4 in the datastore's pools, IPv6 in an IPv6 node's prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Assignment {
+pub struct Assignment<A = Ipv4Addr> {
     pub key: SandboxKey,
-    pub ip: Ipv4Addr,
+    pub ip: A,
     pub eni: EniId,
     pub device_number: u32,
     /// Nanoseconds since the Unix epoch.
