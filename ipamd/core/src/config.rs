@@ -81,16 +81,43 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
     }
     let enable_ipv4 = r.bool("ENABLE_IPv4", true)?;
     let enable_ipv6 = r.bool("ENABLE_IPv6", false)?;
+    let custom_network_cfg = r.bool("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?;
+    let enable_prefix_delegation = r.bool("ENABLE_PREFIX_DELEGATION", false)?;
+    // Upstream's rules for the families: exactly one, and IPv6 only with prefix
+    // delegation and without custom networking (or pod ENIs, refused below anyway).
+    match (enable_ipv4, enable_ipv6) {
+        (true, true) => {
+            return Err(r.err(
+                "ENABLE_IPv4",
+                "false with ENABLE_IPv6=true: pods get one family, dual-stack pods are not supported (as upstream)",
+            ));
+        }
+        (false, false) => {
+            return Err(r.err(
+                "ENABLE_IPv4",
+                "true, or ENABLE_IPv6=true: one address family must be enabled",
+            ));
+        }
+        _ => {}
+    }
     if enable_ipv6 {
+        if !enable_prefix_delegation {
+            return Err(r.err(
+                "ENABLE_PREFIX_DELEGATION",
+                "true with ENABLE_IPv6=true: IPv6 pods take their addresses from a /80 prefix",
+            ));
+        }
+        if custom_network_cfg {
+            return Err(r.err(
+                "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+                "false with ENABLE_IPv6=true: custom networking is IPv4 only (as upstream)",
+            ));
+        }
         return Err(r.err(
             "ENABLE_IPv6",
-            "false: IPv6 pods are not supported by this daemon yet",
+            "false: the combination is valid, but this build does not serve IPv6 pods yet",
         ));
     }
-    if !enable_ipv4 {
-        return Err(r.err("ENABLE_IPv4", "true: IPv4 is the only family supported"));
-    }
-    let custom_network_cfg = r.bool("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?;
     // Features of upstream this daemon does not have: refused, never silently ignored.
     if r.bool("ENABLE_POD_ENI", false)? {
         return Err(r.err(
@@ -216,7 +243,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         warm_ip_target,
         minimum_ip_target,
         warm_prefix_target: r.u32("WARM_PREFIX_TARGET", 0)?,
-        enable_prefix_delegation: r.bool("ENABLE_PREFIX_DELEGATION", false)?,
+        enable_prefix_delegation,
         max_eni,
         ip_cooldown: Duration::from_secs(r.u32("IP_COOLDOWN_PERIOD", 30)? as u64),
         enable_ipv4,
@@ -426,11 +453,43 @@ mod tests {
             ("ADDITIONAL_ENI_TAGS", "{not json"),
             ("ADDITIONAL_ENI_TAGS", r#"{"k8s.amazonaws.com/x":"y"}"#),
             ("MAX_ENI", "0"),
-            ("ENABLE_IPv6", "true"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var, "{e}");
             assert!(e.to_string().contains(var), "{e}");
+        }
+    }
+
+    #[test]
+    fn address_family_rules_are_upstreams_each_naming_its_knob() {
+        let v6 = [("ENABLE_IPv6", "true"), ("ENABLE_IPv4", "false")];
+        let pd = ("ENABLE_PREFIX_DELEGATION", "true");
+        for (env, var, says) in [
+            (vec![("ENABLE_IPv6", "true")], "ENABLE_IPv4", "dual-stack"),
+            (
+                vec![("ENABLE_IPv4", "false")],
+                "ENABLE_IPv4",
+                "one address family",
+            ),
+            (v6.to_vec(), "ENABLE_PREFIX_DELEGATION", "/80"),
+            (
+                [
+                    &v6[..],
+                    &[pd, ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")],
+                ]
+                .concat(),
+                "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+                "IPv4 only",
+            ),
+            (
+                [&v6[..], &[pd]].concat(),
+                "ENABLE_IPv6",
+                "not serve IPv6 pods yet",
+            ),
+        ] {
+            let e = cfg(&env).unwrap_err();
+            assert_eq!(e.var, var, "{env:?}: {e}");
+            assert!(e.to_string().contains(says), "{env:?}: {e}");
         }
     }
 

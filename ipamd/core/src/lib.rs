@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pool;
+pub mod prefix6;
 pub mod server;
