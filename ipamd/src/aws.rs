@@ -16,9 +16,10 @@ use aws_sdk_ec2::types::{
     TagSpecification,
 };
 use ipamd_core::cloud::{
-    CNI_SUBNET_TAG, CloudError, CloudResult, Ec2, EniInfo, Imds, InstanceMeta, NewEni, SubnetInfo,
+    CNI_SUBNET_TAG, CloudError, CloudResult, Ec2, Eni6, EniInfo, Imds, InstanceMeta, NewEni,
+    SubnetInfo,
 };
-use ipamd_core::net::{Ipv4Net, parse_cidr};
+use ipamd_core::net::{Ipv4Net, Ipv6Net, parse_cidr, parse_cidr6};
 use ipamd_core::pool::Limits;
 
 pub fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
@@ -62,6 +63,14 @@ impl SdkEc2 {
         }
         SdkEc2 {
             client: aws_sdk_ec2::Client::from_conf(b.build()),
+            subnet_cidrs: Default::default(),
+        }
+    }
+
+    /// A client from an SDK configuration made elsewhere (tests: the emulator's).
+    pub fn from_config(conf: &aws_config::SdkConfig) -> SdkEc2 {
+        SdkEc2 {
+            client: aws_sdk_ec2::Client::new(conf),
             subnet_cidrs: Default::default(),
         }
     }
@@ -134,6 +143,20 @@ impl SdkEc2 {
                 .status()
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_default(),
+            ipv6: Eni6 {
+                addresses: n
+                    .ipv6_addresses()
+                    .iter()
+                    .filter_map(|a| a.ipv6_address()?.parse().ok())
+                    .collect(),
+                prefixes: n
+                    .ipv6_prefixes()
+                    .iter()
+                    .filter_map(|p| parse_cidr6(p.ipv6_prefix()?))
+                    .collect(),
+                subnet_cidr: None,
+                vpc_cidrs: vec![],
+            },
         }
     }
 
@@ -420,10 +443,27 @@ impl Ec2 for SdkEc2 {
             .map_err(|e| err("UnassignPrivateIpAddresses", e))?;
         Ok(())
     }
+
+    async fn assign_ipv6_prefixes(&self, eni: &str, count: u32) -> CloudResult<Vec<Ipv6Net>> {
+        let r = self
+            .client
+            .assign_ipv6_addresses()
+            .network_interface_id(eni)
+            .ipv6_prefix_count(count as i32)
+            .send()
+            .await
+            .map_err(|e| err("AssignIpv6Addresses", e))?;
+        Ok(r.assigned_ipv6_prefixes()
+            .iter()
+            .filter_map(|p| parse_cidr6(p))
+            .collect())
+    }
 }
 
 pub struct SdkImds {
     client: aws_config::imds::Client,
+    /// Read each ENI's IPv6 keys too (IPv6 mode; an IPv4 node does not ask for them).
+    ipv6: bool,
 }
 
 impl SdkImds {
@@ -433,6 +473,34 @@ impl SdkImds {
             aws_config::provider_config::ProviderConfig::default().with_http_client(http_client());
         SdkImds {
             client: aws_config::imds::Client::builder().configure(&pc).build(),
+            ipv6: false,
+        }
+    }
+
+    /// IMDS at this endpoint (tests: the emulator's).
+    pub fn at(endpoint: &str) -> Result<SdkImds, String> {
+        let pc =
+            aws_config::provider_config::ProviderConfig::default().with_http_client(http_client());
+        Ok(SdkImds {
+            client: aws_config::imds::Client::builder()
+                .configure(&pc)
+                .endpoint(endpoint)
+                .map_err(|e| format!("IMDS endpoint {endpoint:?}: {e}"))?
+                .build(),
+            ipv6: false,
+        })
+    }
+
+    pub fn with_ipv6(mut self, on: bool) -> SdkImds {
+        self.ipv6 = on;
+        self
+    }
+
+    async fn get_v6(&self, path: String) -> CloudResult<Option<String>> {
+        if self.ipv6 {
+            self.get_opt(path).await
+        } else {
+            Ok(None)
         }
     }
 
@@ -458,6 +526,12 @@ impl SdkImds {
     async fn eni(&self, base: &str, mac: &str) -> CloudResult<EniInfo> {
         let p = |k: &str| format!("{base}/{mac}/{k}");
         let bad = |what: &str| CloudError::new("IMDS", "BadValue", format!("{mac}: bad {what}"));
+        let (v6, v6_prefixes, subnet6, vpc6) = futures::try_join!(
+            self.get_v6(p("ipv6s")),
+            self.get_v6(p("ipv6-prefix")),
+            self.get_v6(p("subnet-ipv6-cidr-blocks")),
+            self.get_v6(p("vpc-ipv6-cidr-blocks")),
+        )?;
         let (ips, id, dev, subnet, cidr, vpc, sgs, prefixes, vpc_id) = futures::try_join!(
             self.get(p("local-ipv4s")),
             self.get(p("interface-id")),
@@ -490,6 +564,18 @@ impl SdkImds {
             attachment_id: None,
             tags: vec![],
             status: "in-use".into(),
+            ipv6: Eni6 {
+                addresses: lines(&v6.unwrap_or_default())
+                    .filter_map(|l| l.parse().ok())
+                    .collect(),
+                prefixes: lines(&v6_prefixes.unwrap_or_default())
+                    .filter_map(parse_cidr6)
+                    .collect(),
+                subnet_cidr: lines(&subnet6.unwrap_or_default()).find_map(parse_cidr6),
+                vpc_cidrs: lines(&vpc6.unwrap_or_default())
+                    .filter_map(parse_cidr6)
+                    .collect(),
+            },
         })
     }
 }
@@ -567,6 +653,9 @@ impl Ec2 for LateEc2 {
     }
     async fn unassign_prefixes(&self, eni: &str, prefixes: &[Ipv4Net]) -> CloudResult<()> {
         self.get()?.unassign_prefixes(eni, prefixes).await
+    }
+    async fn assign_ipv6_prefixes(&self, eni: &str, count: u32) -> CloudResult<Vec<Ipv6Net>> {
+        self.get()?.assign_ipv6_prefixes(eni, count).await
     }
 }
 

@@ -24,7 +24,7 @@ fn sdk_operations(src: &str) -> BTreeSet<String> {
         rest = &rest[i + ".client.".len()..];
         let op: String = rest
             .chars()
-            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
             .collect();
         // aws-config's IMDS client (`.get`) is not EC2.
         if rest[op.len()..].starts_with('(') && op != "get" {

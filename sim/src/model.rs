@@ -461,6 +461,7 @@ impl Account {
                 Status::Detaching(_) => "detaching",
             }
             .into(),
+            ipv6: Default::default(),
         }
     }
 

@@ -452,6 +452,12 @@ impl<E: Ec2> Ec2 for Budgeted<E> {
         })
         .await
     }
+    async fn assign_ipv6_prefixes(&self, e: &str, n: u32) -> CloudResult<Vec<crate::net::Ipv6Net>> {
+        self.call("AssignIpv6Addresses", Family::AssignUnassign, || {
+            self.inner.assign_ipv6_prefixes(e, n)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

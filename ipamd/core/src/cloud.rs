@@ -1,11 +1,11 @@
 //! The cloud edge as two small traits: EC2 (the calls ipamd makes) and instance
 //! metadata. The SDK implementations live in the `ipamd` crate; tests may fake them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use async_trait::async_trait;
 
-use crate::net::Ipv4Net;
+use crate::net::{Ipv4Net, Ipv6Net};
 use crate::pool::Limits;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +88,19 @@ pub struct EniInfo {
     /// EC2 only: tags ipamd reads (instance id, created-at).
     pub tags: Vec<(String, String)>,
     pub status: String,
+    /// The ENI's IPv6 side (empty in an IPv4-only subnet).
+    pub ipv6: Eni6,
+}
+
+/// An ENI's IPv6 addresses and delegated prefixes, and its subnet's and VPC's blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Eni6 {
+    pub addresses: Vec<Ipv6Addr>,
+    /// /80 prefixes (prefix delegation).
+    pub prefixes: Vec<Ipv6Net>,
+    pub subnet_cidr: Option<Ipv6Net>,
+    /// IMDS only.
+    pub vpc_cidrs: Vec<Ipv6Net>,
 }
 
 #[async_trait]
@@ -170,4 +183,14 @@ pub trait Ec2: Send + Sync {
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> CloudResult<()>;
     /// UnassignPrivateIpAddresses (Ipv4Prefixes)
     async fn unassign_prefixes(&self, eni_id: &str, prefixes: &[Ipv4Net]) -> CloudResult<()>;
+    /// AssignIpv6Addresses (Ipv6PrefixCount): IPv6 mode's /80 on the primary ENI. The
+    /// default refuses, for clients of an IPv4-only world (the simulator).
+    async fn assign_ipv6_prefixes(&self, eni_id: &str, count: u32) -> CloudResult<Vec<Ipv6Net>> {
+        let _ = (eni_id, count);
+        Err(CloudError::new(
+            "AssignIpv6Addresses",
+            "Unsupported",
+            "this EC2 client has no IPv6",
+        ))
+    }
 }

@@ -44,6 +44,7 @@ impl Imds for FakeImds {
             attachment_id: None,
             tags: vec![],
             status: "in-use".into(),
+            ipv6: Default::default(),
         }])
     }
 }
