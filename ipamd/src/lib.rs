@@ -10,3 +10,4 @@ pub mod entrypoint;
 pub mod host;
 pub mod kube;
 pub mod ops;
+pub mod ops6;

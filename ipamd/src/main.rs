@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipamd::{aws, host, kube, ops};
+use ipamd::{aws, host, kube, ops, ops6};
 use ipamd_core::budget::{BudgetConfig, Budgeted};
 use ipamd_core::config;
 use ipamd_core::node::Node;
@@ -191,6 +191,14 @@ async fn daemon() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if cfg.enable_ipv6 {
+        if !matches!(kube_plan, kube::Plan::Off(_)) {
+            warn!(
+                "IPv6 mode: the Kubernetes API is not used yet (no cordon watch, no pod IP annotation)"
+            );
+        }
+        return daemon6(cfg, env, timing).await;
+    }
     let t0 = std::time::Instant::now();
     let imds = Arc::new(aws::SdkImds::from_env());
     let backend =
@@ -362,6 +370,139 @@ async fn daemon() -> ExitCode {
     if let Some(s) = schedule {
         s.abort();
     }
+    let stats = ec2.stats();
+    info!(calls = ?stats.calls, errors = ?stats.errors, throttled = stats.throttled, "EC2 calls this run");
+    if let Err(e) = node.compact().await {
+        error!("final snapshot: {e}");
+    }
+    if gave_up.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("ipamd: the instance metadata service did not answer; see the log");
+        return ExitCode::from(1);
+    }
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipamd: serving IPAMD_SOCKET {}: {e}", socket.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The IPv6 node (ENABLE_IPv6): serves from the checkpoint at once, learns the instance
+/// from IMDS (retried as the IPv4 node does), then makes sure the primary ENI has its /80.
+async fn daemon6(
+    cfg: config::Config,
+    env: std::collections::BTreeMap<String, String>,
+    timing: ipamd_core::node::Timing,
+) -> ExitCode {
+    use ipamd_core::node6::Node6;
+    let t0 = std::time::Instant::now();
+    let imds = Arc::new(aws::SdkImds::from_env().with_ipv6(true));
+    let ec2 = Arc::new(Budgeted::new(
+        aws::LateEc2::default(),
+        BudgetConfig::default(),
+    ));
+    let socket = std::path::PathBuf::from(&cfg.socket_path);
+    let ec2_endpoint = cfg.ec2_endpoint.clone();
+    let node = match Node6::restore(cfg, ec2.clone(), imds, timing).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    info!(
+        assignments = node.assignments().len(),
+        "IPv6 mode: restored in {:?}; serving DelNetwork and health now, AddNetwork once the primary ENI's prefix is known",
+        t0.elapsed()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let gave_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pool = {
+        let (node, ec2, stop_tx, gave_up) =
+            (node.clone(), ec2.clone(), stop_tx.clone(), gave_up.clone());
+        tokio::spawn(async move {
+            let wait = node.timing.imds_wait;
+            let deadline = std::time::Instant::now() + wait;
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match node.learn_instance().await {
+                    Ok(()) => break,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        let pause = delay.min(deadline - std::time::Instant::now());
+                        warn!("instance metadata (IMDS) not available, retrying in {pause:?}: {e}");
+                        tokio::time::sleep(pause).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        error!(
+                            "instance metadata (IMDS) did not answer within {wait:?} (IPAMD_IMDS_WAIT_MS): {e}"
+                        );
+                        gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let _ = stop_tx.send(true);
+                        return;
+                    }
+                }
+            }
+            ec2.inner()
+                .install(aws::SdkEc2::from_env(ec2_endpoint.as_deref()).await);
+            node.ensure_prefix().await;
+            info!("serving IPv6 AddNetwork {:?} after start", t0.elapsed());
+        })
+    };
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ops = ops6::Ops6 {
+        node: node.clone(),
+        budget: ec2.clone(),
+        env,
+    };
+    let mut side = Vec::new();
+    for (what, off, addr, router) in [
+        (
+            "introspection",
+            node.cfg.disable_introspection,
+            &node.cfg.introspection_bind_address,
+            ops6::introspection_router(ops.clone()),
+        ),
+        (
+            "metrics",
+            node.cfg.disable_metrics,
+            &node.cfg.metrics_bind_address,
+            ops6::metrics_router(ops.clone()),
+        ),
+    ] {
+        if off {
+            continue;
+        }
+        let (addr, stop) = (addr.clone(), stopped());
+        side.push(tokio::spawn(async move {
+            info!("{what} on {addr}");
+            if let Err(e) = ops::serve(&addr, router, stop).await {
+                error!("{what} server on {addr}: {e}");
+            }
+        }));
+    }
+    let stopping = stopped();
+    let shutdown = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = stopping => {}
+        }
+        let _ = stop_tx.send(true);
+    };
+    let served = ipamd_core::server::serve_unix(node.clone(), &socket, shutdown).await;
+    for s in side {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+    }
+    pool.abort();
     let stats = ec2.stats();
     info!(calls = ?stats.calls, errors = ?stats.errors, throttled = stats.throttled, "EC2 calls this run");
     if let Err(e) = node.compact().await {

@@ -106,7 +106,7 @@ pub async fn serve(
         .await
 }
 
-fn ns_time(ns: u64) -> String {
+pub(crate) fn ns_time(ns: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_nanos(ns))
 }
 
@@ -427,23 +427,23 @@ async fn metrics(State(o): State<Ops>) -> impl IntoResponse {
 }
 
 /// Label values escaped as the text format wants.
-fn esc(v: &str) -> String {
+pub(crate) fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-struct Out(String);
+pub(crate) struct Out(pub(crate) String);
 
 impl Out {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
+    pub(crate) fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
-    fn one(&mut self, name: &str, kind: &str, help: &str, v: impl std::fmt::Display) {
+    pub(crate) fn one(&mut self, name: &str, kind: &str, help: &str, v: impl std::fmt::Display) {
         self.head(name, kind, help);
         let _ = writeln!(self.0, "{name} {v}");
     }
-    fn labelled(
+    pub(crate) fn labelled(
         &mut self,
         name: &str,
         kind: &str,

@@ -607,7 +607,17 @@ async fn imds_not_answering_at_start_is_waited_for_while_del_is_served_() {
     })
     .await;
     assert!(said, "{}", d.log());
+    // A pod added now waits for IMDS; its answer must carry the VPC's CIDRs, which are
+    // known only once IMDS has answered (they were read before the wait, and were empty).
+    let early = tokio::spawn({
+        let c = c.clone();
+        async move { c.add("early").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     emu.control("POST", "/_emulator/imds", r#"{"unavailable":false}"#);
+    let early = early.await.unwrap().unwrap();
+    assert!(early.success, "{early:?}\n{}", d.log());
+    assert_eq!(early.vp_cv4_cid_rs, vec!["10.0.0.0/16"], "{early:?}");
     let serving = eventually(Duration::from_secs(15), true, async || {
         c.health().await.is_ok_and(|s| s == ServingStatus::Serving)
     })

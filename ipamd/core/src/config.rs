@@ -113,10 +113,6 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
                 "false with ENABLE_IPv6=true: custom networking is IPv4 only (as upstream)",
             ));
         }
-        return Err(r.err(
-            "ENABLE_IPv6",
-            "false: the combination is valid, but this build does not serve IPv6 pods yet",
-        ));
     }
     // Features of upstream this daemon does not have: refused, never silently ignored.
     if r.bool("ENABLE_POD_ENI", false)? {
@@ -491,6 +487,8 @@ mod tests {
             assert_eq!(e.var, var, "{env:?}: {e}");
             assert!(e.to_string().contains(says), "{env:?}: {e}");
         }
+        let c = cfg(&[&v6[..], &[pd]].concat()).unwrap();
+        assert!(c.enable_ipv6 && !c.enable_ipv4 && c.enable_prefix_delegation);
     }
 
     #[test]

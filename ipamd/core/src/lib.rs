@@ -14,6 +14,7 @@ mod instance_limits;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod node6;
 pub mod pool;
 pub mod prefix6;
 pub mod server;

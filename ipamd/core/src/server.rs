@@ -24,10 +24,47 @@ use vpc_cni_proto::rpc::*;
 
 use crate::datastore::{Assignment, PodRef, SandboxKey};
 use crate::node::{AddOutcome, Node};
+use crate::node6::{AddOutcome6, Node6};
+use crate::prefix6::Assignment6;
+
+/// The node behind the socket: an IPv4 node, or an IPv6 one (ENABLE_IPv6).
+#[derive(Clone)]
+pub enum Engine {
+    V4(Arc<Node>),
+    V6(Arc<Node6>),
+}
+
+impl From<Arc<Node>> for Engine {
+    fn from(n: Arc<Node>) -> Self {
+        Engine::V4(n)
+    }
+}
+
+impl From<Arc<Node6>> for Engine {
+    fn from(n: Arc<Node6>) -> Self {
+        Engine::V6(n)
+    }
+}
+
+impl Engine {
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        match self {
+            Engine::V4(n) => &n.metrics,
+            Engine::V6(n) => &n.metrics,
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self {
+            Engine::V4(n) => n.health(),
+            Engine::V6(n) => n.health(),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Service {
-    pub node: Arc<Node>,
+    pub engine: Engine,
 }
 
 fn metadata(a: &Assignment) -> IpAllocationMetadata {
@@ -36,6 +73,16 @@ fn metadata(a: &Assignment) -> IpAllocationMetadata {
         i_pv6_addr: String::new(),
         device_number: a.device_number as i32,
         route_table_id: a.device_number as i32 + 1,
+    }
+}
+
+/// As upstream answers in IPv6 mode: the primary ENI's device 0, its table 1.
+fn metadata6(a: &Assignment6) -> IpAllocationMetadata {
+    IpAllocationMetadata {
+        i_pv4_addr: String::new(),
+        i_pv6_addr: a.ip.to_string(),
+        device_number: 0,
+        route_table_id: 1,
     }
 }
 
@@ -69,15 +116,21 @@ impl CniBackend for Service {
             namespace: r.k8s_pod_namespace.clone(),
             name: r.k8s_pod_name.clone(),
         };
-        let node = &self.node;
+        let node = match &self.engine {
+            Engine::V4(n) => n,
+            Engine::V6(n) => return add_network6(n, &r, k, pod).await,
+        };
         let t0 = std::time::Instant::now();
         node.metrics.add_ip_req.fetch_add(1, Ordering::Relaxed);
+        let outcome = node.add(k, pod).await;
+        // Read after the add: one that waited for IMDS at start-up has the VPC's CIDRs
+        // only now (read before, its pod's reply had none).
         let mut reply = AddNetworkReply {
             use_external_snat: node.cfg.external_snat,
             vp_cv4_cid_rs: node.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         };
-        match node.add(k, pod).await {
+        match outcome {
             Ok(AddOutcome::Assigned(a)) => {
                 info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, device = a.device_number, "AddNetwork");
                 reply.success = true;
@@ -109,15 +162,30 @@ impl CniBackend for Service {
             namespace: r.k8s_pod_namespace.clone(),
             name: r.k8s_pod_name.clone(),
         };
-        self.node.metrics.del_request(if r.reason.is_empty() {
+        self.engine.metrics().del_request(if r.reason.is_empty() {
             "PodDeleted"
         } else {
             &r.reason
         });
-        let released = self.node.del(k, &pod).await.map_err(|e| {
-            self.node.metrics.error("delNetworkCheckpointFailed");
+        let failed = |e: std::io::Error| {
+            self.engine.metrics().error("delNetworkCheckpointFailed");
             Status::unavailable(format!("checkpoint write failed: {e}"))
-        })?;
+        };
+        let node = match &self.engine {
+            Engine::V4(n) => n,
+            Engine::V6(n) => {
+                let released = n.del(k).await.map_err(failed)?;
+                if let Some(a) = &released {
+                    info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, reason = %r.reason, "DelNetwork");
+                }
+                return Ok(Response::new(DelNetworkReply {
+                    success: true,
+                    ip_allocation_metadata: released.iter().map(metadata6).collect(),
+                    ..Default::default()
+                }));
+            }
+        };
+        let released = node.del(k, &pod).await.map_err(failed)?;
         if let Some(a) = &released {
             info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, reason = %r.reason, "DelNetwork");
         }
@@ -144,15 +212,13 @@ impl CniGarbageCollector for Service {
             .iter()
             .map(|a| (a.container_id.clone(), a.if_name.clone()))
             .collect();
-        let released = self
-            .node
-            .garbage_collect(&r.network_name, &valid)
-            .await
-            .map_err(|e| Status::unavailable(format!("checkpoint write failed: {e}")))?;
-        info!(released = released.len(), "GC of {}", r.network_name);
-        Ok(Response::new(GarbageCollectReply {
-            success: true,
-            released: released
+        let failed =
+            |e: std::io::Error| Status::unavailable(format!("checkpoint write failed: {e}"));
+        let released: Vec<ReleasedAttachment> = match &self.engine {
+            Engine::V4(n) => n
+                .garbage_collect(&r.network_name, &valid)
+                .await
+                .map_err(failed)?
                 .iter()
                 .map(|a| ReleasedAttachment {
                     container_id: a.key.container_id.clone(),
@@ -160,8 +226,66 @@ impl CniGarbageCollector for Service {
                     ip_allocation_metadata: Some(metadata(a)),
                 })
                 .collect(),
+            Engine::V6(n) => n
+                .garbage_collect(&r.network_name, &valid)
+                .await
+                .map_err(failed)?
+                .iter()
+                .map(|a| ReleasedAttachment {
+                    container_id: a.key.container_id.clone(),
+                    if_name: a.key.if_name.clone(),
+                    ip_allocation_metadata: Some(metadata6(a)),
+                })
+                .collect(),
+        };
+        info!(released = released.len(), "GC of {}", r.network_name);
+        Ok(Response::new(GarbageCollectReply {
+            success: true,
+            released,
         }))
     }
+}
+
+/// AddNetwork on an IPv6 node: the /128, the VPC's IPv6 blocks, no SNAT (as upstream).
+async fn add_network6(
+    node: &Node6,
+    r: &AddNetworkRequest,
+    k: SandboxKey,
+    pod: PodRef,
+) -> Result<Response<AddNetworkReply>, Status> {
+    let t0 = std::time::Instant::now();
+    node.metrics.add_ip_req.fetch_add(1, Ordering::Relaxed);
+    let outcome = node.add(k, pod).await;
+    // Read after the add, which may have waited for IMDS at start-up.
+    let mut reply = AddNetworkReply {
+        vp_cv6_cid_rs: node.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
+    };
+    match outcome {
+        Ok(AddOutcome6::Assigned(a)) => {
+            info!(pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), ip = %a.ip, "AddNetwork");
+            reply.success = true;
+            reply.ip_allocation_metadata = vec![metadata6(&a)];
+            node.metrics.add_latency.observe(t0.elapsed());
+        }
+        Ok(AddOutcome6::NoAddress) => {
+            node.metrics.no_available_ip.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                "AddNetwork {}/{}: no IPv6 address within {:?} (no prefix yet: {})",
+                r.k8s_pod_namespace,
+                r.k8s_pod_name,
+                node.cfg.add_wait,
+                node.view()
+                    .prefix_fault
+                    .unwrap_or_else(|| "the prefix is full".into())
+            );
+        }
+        Err(e) => {
+            node.metrics.error("addNetworkCheckpointFailed");
+            return Err(Status::unavailable(format!("checkpoint write failed: {e}")));
+        }
+    }
+    Ok(Response::new(reply))
 }
 
 type WatchStream =
@@ -179,7 +303,7 @@ impl Health for Service {
         }
         // SERVING whenever the API can be served: a full node is healthy (liveness and
         // readiness probes ask this; a full pool must not restart aws-node).
-        let status = match self.node.health() {
+        let status = match self.engine.health() {
             Ok(()) => ServingStatus::Serving,
             Err(why) => {
                 debug!("health: NOT_SERVING: {why}");
@@ -218,7 +342,7 @@ pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 
 /// Binds the socket (replacing a stale one), sets mode 0660, and serves until `shutdown`.
 pub async fn serve_unix(
-    node: Arc<Node>,
+    engine: impl Into<Engine>,
     path: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -229,7 +353,9 @@ pub async fn serve_unix(
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     info!("serving CNIBackend on {}", path.display());
-    let svc = Service { node };
+    let svc = Service {
+        engine: engine.into(),
+    };
     tonic::transport::Server::builder()
         .add_service(CniBackendServer::new(svc.clone()))
         .add_service(CniGarbageCollectorServer::new(svc.clone()))

@@ -34,6 +34,14 @@ impl Ipamd {
         self.dir.path().join("ipam.json")
     }
 
+    /// Where the introspection server listens (inside the test's namespace).
+    pub fn introspection_addr(&self) -> String {
+        self.env
+            .get("INTROSPECTION_BIND_ADDRESS")
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1:61679".into())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ipamd.log")).unwrap_or_default()
     }
