@@ -6,7 +6,7 @@
 mod macdump;
 pub mod netns;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
 use futures::TryStreamExt;
@@ -129,25 +129,130 @@ pub fn format_mac(mac: &[u8]) -> String {
         .join(":")
 }
 
+/// An address family the datapath speaks: IPv4 (the default everywhere) or IPv6.
+pub trait Family: Copy + Eq + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static {
+    const AF: AddressFamily;
+    /// A host route's prefix length: 32 or 128.
+    const HOST_LEN: u8;
+    fn unspecified() -> Self;
+    fn to_ip(self) -> IpAddr;
+    fn from_ip(ip: &IpAddr) -> Option<Self>;
+    fn from_route(a: &RouteAddress) -> Option<Self>;
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self>;
+    fn ip_version() -> IpVersion;
+}
+
+impl Family for Ipv4Addr {
+    const AF: AddressFamily = AddressFamily::Inet;
+    const HOST_LEN: u8 = 32;
+    fn unspecified() -> Self {
+        Ipv4Addr::UNSPECIFIED
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(self)
+    }
+    fn from_ip(ip: &IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn from_route(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self> {
+        match a {
+            NeighbourAddress::Inet(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn ip_version() -> IpVersion {
+        IpVersion::V4
+    }
+}
+
+impl Family for Ipv6Addr {
+    const AF: AddressFamily = AddressFamily::Inet6;
+    const HOST_LEN: u8 = 128;
+    fn unspecified() -> Self {
+        Ipv6Addr::UNSPECIFIED
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(self)
+    }
+    fn from_ip(ip: &IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn from_route(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet6(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self> {
+        match a {
+            NeighbourAddress::Inet6(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn ip_version() -> IpVersion {
+        IpVersion::V6
+    }
+}
+
+fn route_msg<A: Family>(
+    table: u32,
+    dst: A,
+    dst_len: u8,
+    gateway: Option<A>,
+    oif: Option<u32>,
+    scope: RouteScope,
+    protocol: Option<RouteProtocol>,
+) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.to_ip(), dst_len)
+        .unwrap_or_else(|e| unreachable!("one family throughout: {e}"))
+        .table_id(table)
+        .scope(scope);
+    if let Some(p) = protocol {
+        b = b.protocol(p);
+    }
+    if let Some(oif) = oif {
+        b = b.output_interface(oif);
+    }
+    if let Some(gw) = gateway {
+        b = b
+            .gateway(gw.to_ip())
+            .unwrap_or_else(|e| unreachable!("one family throughout: {e}"));
+    }
+    b.build()
+}
+
 /// A policy rule as the datapath sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
+pub struct Rule<A = Ipv4Addr> {
     pub priority: u32,
     pub table: u32,
-    pub from: Option<(Ipv4Addr, u8)>,
-    pub to: Option<(Ipv4Addr, u8)>,
+    pub from: Option<(A, u8)>,
+    pub to: Option<(A, u8)>,
     /// (mark, mask) of an `fwmark` rule.
     pub fwmark: Option<(u32, u32)>,
     msg: RuleMessage,
 }
 
-/// An IPv4 route as the datapath sees it.
+/// A route as the datapath sees it (IPv4 unless said).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub struct Route<A = Ipv4Addr> {
     pub table: u32,
-    pub dst: Ipv4Addr,
+    pub dst: A,
     pub dst_len: u8,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<A>,
     pub oif: Option<u32>,
     pub scope: RouteScope,
     /// Who installed it (`proto`): [`RouteProtocol::Boot`] for every route added here.
@@ -279,14 +384,16 @@ impl Netlink {
             .map_err(|e| NlError::from_rt(format!("create veth {name} (peer {peer})"), e))
     }
 
-    pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> NlResult<()> {
-        match self
-            .handle
-            .address()
-            .add(index, IpAddr::V4(ip), prefix_len)
-            .execute()
-            .await
-        {
+    /// Adds `ip/len` to the link. An IPv6 address is added `nodad`: addresses come from
+    /// ipamd, unique by construction, and usable at once (no tentative second).
+    pub async fn add_address<A: Family>(&self, index: u32, ip: A, prefix_len: u8) -> NlResult<()> {
+        let mut req = self.handle.address().add(index, ip.to_ip(), prefix_len);
+        if A::AF == AddressFamily::Inet6 {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match req.execute().await {
             Ok(()) => Ok(()),
             Err(e) => {
                 let e = NlError::from_rt(format!("add address {ip}/{prefix_len}"), e);
@@ -296,6 +403,11 @@ impl Netlink {
     }
 
     pub async fn ipv4_addresses(&self, index: u32) -> NlResult<Vec<(Ipv4Addr, u8)>> {
+        self.addresses(index).await
+    }
+
+    /// The link's addresses of family `A`.
+    pub async fn addresses<A: Family>(&self, index: u32) -> NlResult<Vec<(A, u8)>> {
         let msgs: Vec<_> = self
             .handle
             .address()
@@ -307,10 +419,12 @@ impl Netlink {
             .map_err(|e| NlError::from_rt("list addresses", e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
+            .filter(|m| m.header.family == A::AF && m.header.index == index)
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(v4)) => Some((*v4, m.header.prefix_len)),
+                    AddressAttribute::Address(ip) => {
+                        A::from_ip(ip).map(|v| (v, m.header.prefix_len))
+                    }
                     _ => None,
                 })
             })
@@ -319,27 +433,27 @@ impl Netlink {
 
     /// Adds or replaces a route: `dst/len [via gw] dev oif` in `table`, `proto boot` as
     /// upstream's (and iproute2's) routes are.
-    pub async fn replace_route(
+    pub async fn replace_route<A: Family>(
         &self,
         table: u32,
-        dst: Ipv4Addr,
+        dst: A,
         dst_len: u8,
-        gateway: Option<Ipv4Addr>,
+        gateway: Option<A>,
         oif: u32,
         scope: RouteScope,
     ) -> NlResult<()> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, dst_len)
-            .output_interface(oif)
-            .table_id(table)
-            .scope(scope)
-            .protocol(RouteProtocol::Boot);
-        if let Some(gw) = gateway {
-            b = b.gateway(gw);
-        }
+        let msg = route_msg(
+            table,
+            dst,
+            dst_len,
+            gateway,
+            Some(oif),
+            scope,
+            Some(RouteProtocol::Boot),
+        );
         self.handle
             .route()
-            .add(b.build())
+            .add(msg)
             .replace()
             .execute()
             .await
@@ -347,7 +461,13 @@ impl Netlink {
     }
 
     pub async fn routes(&self) -> NlResult<Vec<Route>> {
-        let req = RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build();
+        self.routes_of().await
+    }
+
+    /// Every route of family `A`, in every table.
+    pub async fn routes_of<A: Family>(&self) -> NlResult<Vec<Route<A>>> {
+        let mut req = RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build();
+        req.header.address_family = A::AF;
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()
@@ -358,11 +478,11 @@ impl Netlink {
             .map_err(|e| NlError::from_rt("list routes", e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.address_family == AddressFamily::Inet)
+            .filter(|m| m.header.address_family == A::AF)
             .map(|m| {
                 let mut r = Route {
                     table: m.header.table as u32,
-                    dst: Ipv4Addr::UNSPECIFIED,
+                    dst: A::unspecified(),
                     dst_len: m.header.destination_prefix_length,
                     gateway: None,
                     oif: None,
@@ -372,8 +492,12 @@ impl Netlink {
                 for a in &m.attributes {
                     match a {
                         RouteAttribute::Table(t) => r.table = *t,
-                        RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                        RouteAttribute::Destination(d) => {
+                            if let Some(d) = A::from_route(d) {
+                                r.dst = d
+                            }
+                        }
+                        RouteAttribute::Gateway(g) => r.gateway = A::from_route(g),
                         RouteAttribute::Oif(i) => r.oif = Some(*i),
                         _ => {}
                     }
@@ -385,26 +509,29 @@ impl Netlink {
 
     /// Adds `[from src/len] [to dst/len] lookup table pref priority`; an identical
     /// rule already present is not an error (ADD may be repeated for one sandbox).
-    pub async fn add_rule(
+    pub async fn add_rule<A: Family>(
         &self,
         priority: u32,
         table: u32,
-        from: Option<(Ipv4Addr, u8)>,
-        to: Option<(Ipv4Addr, u8)>,
+        from: Option<(A, u8)>,
+        to: Option<(A, u8)>,
     ) -> NlResult<()> {
         let mut req = self
             .handle
             .rule()
             .add()
-            .v4()
             .priority(priority)
             .table_id(table)
             .action(RuleAction::ToTable);
+        let m = req.message_mut();
+        m.header.family = A::AF;
         if let Some((ip, len)) = from {
-            req = req.source_prefix(ip, len);
+            m.header.src_len = len;
+            m.attributes.push(RuleAttribute::Source(ip.to_ip()));
         }
         if let Some((ip, len)) = to {
-            req = req.destination_prefix(ip, len);
+            m.header.dst_len = len;
+            m.attributes.push(RuleAttribute::Destination(ip.to_ip()));
         }
         match req.execute().await {
             Ok(()) => Ok(()),
@@ -416,10 +543,15 @@ impl Netlink {
     }
 
     pub async fn rules(&self) -> NlResult<Vec<Rule>> {
+        self.rules_of().await
+    }
+
+    /// Every policy rule of family `A`.
+    pub async fn rules_of<A: Family>(&self) -> NlResult<Vec<Rule<A>>> {
         let msgs: Vec<RuleMessage> = self
             .handle
             .rule()
-            .get(IpVersion::V4)
+            .get(A::ip_version())
             .execute()
             .try_collect()
             .await
@@ -440,11 +572,11 @@ impl Netlink {
                     match a {
                         RuleAttribute::Priority(p) => r.priority = *p,
                         RuleAttribute::Table(t) => r.table = *t,
-                        RuleAttribute::Source(IpAddr::V4(s)) => {
-                            r.from = Some((*s, m.header.src_len))
+                        RuleAttribute::Source(s) => {
+                            r.from = A::from_ip(s).map(|s| (s, m.header.src_len))
                         }
-                        RuleAttribute::Destination(IpAddr::V4(d)) => {
-                            r.to = Some((*d, m.header.dst_len))
+                        RuleAttribute::Destination(d) => {
+                            r.to = A::from_ip(d).map(|d| (d, m.header.dst_len))
                         }
                         RuleAttribute::FwMark(v) => r.fwmark = Some((*v, mask)),
                         RuleAttribute::FwMask(v) => mask = *v,
@@ -461,7 +593,7 @@ impl Netlink {
     }
 
     /// Deletes a rule; one already gone is not an error.
-    pub async fn delete_rule(&self, rule: &Rule) -> NlResult<()> {
+    pub async fn delete_rule<A: Family>(&self, rule: &Rule<A>) -> NlResult<()> {
         match self.handle.rule().del(rule.msg.clone()).execute().await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -535,18 +667,9 @@ impl Netlink {
     }
 
     /// Deletes a route (as listed by [`Netlink::routes`]); one already gone is not an error.
-    pub async fn delete_route(&self, r: &Route) -> NlResult<()> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.dst, r.dst_len)
-            .table_id(r.table)
-            .scope(r.scope);
-        if let Some(oif) = r.oif {
-            b = b.output_interface(oif);
-        }
-        if let Some(gw) = r.gateway {
-            b = b.gateway(gw);
-        }
-        match self.handle.route().del(b.build()).execute().await {
+    pub async fn delete_route<A: Family>(&self, r: &Route<A>) -> NlResult<()> {
+        let msg = route_msg(r.table, r.dst, r.dst_len, r.gateway, r.oif, r.scope, None);
+        match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) => {
                 let e = NlError::from_rt(
@@ -591,15 +714,15 @@ impl Netlink {
         }
     }
 
-    pub async fn set_permanent_neighbour(
+    pub async fn set_permanent_neighbour<A: Family>(
         &self,
         index: u32,
-        ip: Ipv4Addr,
+        ip: A,
         mac: &[u8; 6],
     ) -> NlResult<()> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip.to_ip())
             .link_layer_address(mac)
             .state(NeighbourState::Permanent)
             .replace()
@@ -613,11 +736,19 @@ impl Netlink {
         &self,
         index: u32,
     ) -> NlResult<Vec<(Ipv4Addr, [u8; 6], NeighbourState)>> {
+        self.neighbours_of(index).await
+    }
+
+    /// (ip, mac, state) of the neighbours of family `A` on link `index`.
+    pub async fn neighbours_of<A: Family>(
+        &self,
+        index: u32,
+    ) -> NlResult<Vec<(A, [u8; 6], NeighbourState)>> {
         let msgs: Vec<_> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(A::AF)
             .execute()
             .try_collect()
             .await
@@ -630,9 +761,7 @@ impl Netlink {
                 let mut mac = None;
                 for a in &m.attributes {
                     match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            ip = Some(*v4)
-                        }
+                        NeighbourAttribute::Destination(a) => ip = A::from_neighbour(a),
                         NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
                             let mut m6 = [0u8; 6];
                             m6.copy_from_slice(b);
