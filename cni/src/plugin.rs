@@ -1,6 +1,6 @@
 //! The CNI verbs: what ADD, DEL, CHECK, STATUS, GC and VERSION do, in order.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use serde_json::Value;
@@ -11,7 +11,7 @@ use vpc_cni_proto::rpc::{
 
 use crate::args::K8sArgs;
 use crate::config::{NetConf, peek_version};
-use crate::datapath::{self, GATEWAY, PodSpec};
+use crate::datapath::{self, Built, Occupants, PodFamily, PodSpec};
 use crate::error::{CniError, ErrorCode, Result};
 use crate::ipamd::{CLIENT_VERSION, CallError, Ipamd};
 use crate::result::{CniResult, Interface, IpConfig, Route};
@@ -312,18 +312,31 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         .first()
         .cloned()
         .unwrap_or_default();
-    let ip: Ipv4Addr = match meta.i_pv4_addr.parse() {
-        Ok(ip) => ip,
-        Err(_) => {
-            release("a bad answer".into()).await;
-            return Err(CniError::new(
-                ErrorCode::Ipamd,
-                format!(
-                    "ipamd answered AddNetwork without a usable IPv4 address ({:?})",
-                    meta.i_pv4_addr
-                ),
-            ));
-        }
+    // One family per node: IPv4, or IPv6 on an ENABLE_IPv6 node (no IPv4 then).
+    let ip: IpAddr = match (meta.i_pv4_addr.as_str(), meta.i_pv6_addr.as_str()) {
+        ("", v6) if !v6.is_empty() => match v6.parse::<Ipv6Addr>() {
+            Ok(ip) => IpAddr::V6(ip),
+            Err(_) => {
+                release("a bad answer".into()).await;
+                return Err(CniError::new(
+                    ErrorCode::Ipamd,
+                    format!("ipamd answered AddNetwork with an unusable IPv6 address ({v6:?})"),
+                ));
+            }
+        },
+        (v4, _) => match v4.parse::<Ipv4Addr>() {
+            Ok(ip) => IpAddr::V4(ip),
+            Err(_) => {
+                release("a bad answer".into()).await;
+                return Err(CniError::new(
+                    ErrorCode::Ipamd,
+                    format!(
+                        "ipamd answered AddNetwork without a usable IPv4 address ({:?})",
+                        meta.i_pv4_addr
+                    ),
+                ));
+            }
+        },
     };
     let taken_macs: Vec<[u8; 6]> = match links {
         Ok(m) => m,
@@ -332,42 +345,50 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
             return Err(CniError::datapath("cannot list the host's links").with_details(e));
         }
     };
-    let spec = PodSpec {
-        ip,
-        table: table_of(&meta),
-        ..probe
-    };
+    let table = table_of(&meta);
     debug!(
-        "ipamd gave {ip} (device {}, table {:?})",
-        meta.device_number, spec.table
+        "ipamd gave {ip} (device {}, table {table:?})",
+        meta.device_number
     );
-
-    let built = match datapath::setup(
-        &sides.host,
-        &sides.pod,
-        sides.pod_ns.raw_fd(),
-        &spec,
-        &old,
-        &taken_macs,
-    )
-    .await
-    {
+    let (host_len, gateway, default_dst) = match ip {
+        IpAddr::V4(_) => (32, IpAddr::V4(Ipv4Addr::GATEWAY), Ipv4Addr::DEFAULT_DST),
+        IpAddr::V6(_) => (128, IpAddr::V6(Ipv6Addr::GATEWAY), Ipv6Addr::DEFAULT_DST),
+    };
+    let built = match ip {
+        IpAddr::V4(ip) => {
+            let spec = PodSpec {
+                ip,
+                table,
+                ..probe.clone()
+            };
+            build(&sides, &spec, &old, &taken_macs).await
+        }
+        IpAddr::V6(ip) => {
+            // An IPv6 pod is always on the primary ENI's prefix: the main table.
+            let spec = PodSpec {
+                host_veth: probe.host_veth.clone(),
+                if_name: probe.if_name.clone(),
+                ip,
+                mtu: probe.mtu,
+                table: None,
+            };
+            build(&sides, &spec, &old, &taken_macs).await
+        }
+    };
+    let built = match built {
         Ok(b) => b,
         Err(e) => {
-            if let Err(undo) = datapath::undo_setup(&sides.host, &spec).await {
-                error!("cleanup after failed setup also failed: {undo}");
-            }
             release(format!("datapath setup failed ({e})")).await;
             return Err(CniError::datapath(format!(
                 "could not build the datapath for {ip} on {}",
-                spec.host_veth
+                probe.host_veth
             ))
             .with_details(e));
         }
     };
     info!(
         "pod {}/{} has {ip} on {} (host veth {})",
-        k8s.pod_namespace, k8s.pod_name, spec.if_name, spec.host_veth
+        k8s.pod_namespace, k8s.pod_name, probe.if_name, probe.host_veth
     );
 
     let mut ours = CniResult {
@@ -382,18 +403,18 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
                 mac: format_mac(&built.pod.mac),
                 sandbox: Some(env.netns.clone()),
                 // Upstream's DEL reads the address's route table here (1 = main).
-                pci_id: Some(spec.table.unwrap_or(1).to_string()),
+                pci_id: Some(table.filter(|_| ip.is_ipv4()).unwrap_or(1).to_string()),
                 ..Default::default()
             },
         ],
         ips: vec![IpConfig {
-            address: format!("{ip}/32"),
-            gateway: Some(GATEWAY.into()),
+            address: format!("{ip}/{host_len}"),
+            gateway: Some(gateway),
             interface: Some(1),
         }],
         routes: vec![Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some(GATEWAY.into()),
+            dst: default_dst.into(),
+            gw: Some(gateway),
         }],
         dns: Value::Null,
     };
@@ -414,6 +435,37 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
     Ok(result.to_json(conf.cni_version, &conf.cni_version_str))
 }
 
+/// Builds one pod's datapath of family `A`; what a failure left behind is removed.
+async fn build<A: PodFamily>(
+    sides: &Sides,
+    spec: &PodSpec<A>,
+    old: &Occupants,
+    taken_macs: &[[u8; 6]],
+) -> std::result::Result<Built, vpc_cni_netlink::NlError> {
+    let home = NetNs::current().map_err(|e| vpc_cni_netlink::NlError {
+        op: "open the host network namespace".into(),
+        errno: e.raw_os_error(),
+        text: e.to_string(),
+    })?;
+    let in_pod = |f: &mut dyn FnMut() -> std::io::Result<()>| sides.pod_ns.run_in(&home, f)?;
+    let r = datapath::setup(
+        &sides.host,
+        &sides.pod,
+        sides.pod_ns.raw_fd(),
+        &in_pod,
+        spec,
+        old,
+        taken_macs,
+    )
+    .await;
+    if r.is_err()
+        && let Err(undo) = datapath::undo_setup(&sides.host, spec).await
+    {
+        error!("cleanup after failed setup also failed: {undo}");
+    }
+    r
+}
+
 /// DEL succeeds whenever nothing of the pod is left: when repeated, when the netns is
 /// gone, empty or not a namespace at all, and when ipamd is unreachable. It never needs
 /// to enter the pod's namespace, and it takes the datapath down before the address is
@@ -432,7 +484,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let mut targets = vec![Target {
         host_veth: host_veth(conf, env, &k8s),
         if_name: env.if_name.clone(),
-        prev_ip: prev.as_ref().and_then(|r| r.sandbox_ipv4(&env.if_name)),
+        prev_ip: prev.as_ref().and_then(|r| r.sandbox_ip(&env.if_name)),
     }];
     if let Some(prev) = &prev {
         match upstream::decode(
@@ -446,7 +498,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 targets.extend(a.into_iter().skip(1).map(|a| Target {
                     host_veth: a.host_veth,
                     if_name: a.if_name,
-                    prev_ip: Some(a.ip),
+                    prev_ip: Some(IpAddr::V4(a.ip)),
                 }))
             }
             Ok(upstream::Decoded::Branch(vlan)) => warn!(
@@ -467,31 +519,49 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             (host_netlink()?, None)
         }
     };
+    //    IPv6 is looked for only where the veth exists and shows no IPv4 (an IPv6 pod, or
+    //    a prevResult that says IPv6): an IPv4 DEL reads no more than it did.
+    let read_err = |e| CniError::datapath("cannot read the pod's datapath").with_details(e);
     let mut found = Vec::with_capacity(targets.len());
+    let mut found6 = Vec::with_capacity(targets.len());
     for t in &targets {
-        found.push(
-            datapath::find(&host, pod.as_ref(), &t.host_veth, &t.if_name)
+        let f = datapath::find::<Ipv4Addr>(&host, pod.as_ref(), &t.host_veth, &t.if_name)
+            .await
+            .map_err(read_err)?;
+        let f6 = if f.host_veth.is_some()
+            && (f.is_empty() || matches!(t.prev_ip, Some(IpAddr::V6(_))))
+        {
+            datapath::find_on::<Ipv6Addr>(&host, pod.as_ref(), f.host_veth.clone(), &t.if_name)
                 .await
-                .map_err(|e| {
-                    CniError::datapath("cannot read the pod's datapath").with_details(e)
-                })?,
-        );
+                .map_err(read_err)?
+        } else {
+            datapath::Found::default()
+        };
+        found.push(f);
+        found6.push(f6);
     }
 
     // 2. Take it down first; a failure here leaves the address held, and DEL is retried.
     //    The veth pair goes with the pod's namespace when there is one (the runtime
     //    removes it next); without one, nothing else would remove it.
-    for (t, f) in targets.iter().zip(&found) {
+    for ((t, f), f6) in targets.iter().zip(&found).zip(&found6) {
+        let failed = |e| {
+            CniError::datapath(format!("could not remove the datapath of {}", t.host_veth))
+                .with_details(e)
+        };
+        if !f6.is_empty() {
+            // The veth itself goes (or goes down) with the IPv4 teardown that follows.
+            datapath::clear_routes_and_rules(&host, f6)
+                .await
+                .map_err(failed)?;
+        }
         datapath::teardown(&host, f, pod.is_some())
             .await
-            .map_err(|e| {
-                CniError::datapath(format!("could not remove the datapath of {}", t.host_veth))
-                    .with_details(e)
-            })?;
+            .map_err(failed)?;
     }
 
     // 3. Release the address. ipamd tells us which it was.
-    let released: std::result::Result<Option<Ipv4Addr>, CallError> = async {
+    let released: std::result::Result<Option<IpAddr>, CallError> = async {
         let ipamd = Ipamd::connect(&conf.ipamd).await?;
         let reply = ipamd
             .del(del_request(env, conf, &k8s, "PodDeleted"))
@@ -505,10 +575,12 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 ),
             )));
         }
-        Ok(reply
-            .ip_allocation_metadata
-            .first()
-            .and_then(|m| m.i_pv4_addr.parse().ok()))
+        Ok(reply.ip_allocation_metadata.first().and_then(|m| {
+            m.i_pv4_addr
+                .parse()
+                .ok()
+                .or_else(|| m.i_pv6_addr.parse::<Ipv6Addr>().ok().map(IpAddr::V6))
+        }))
     }
     .await;
 
@@ -516,7 +588,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     //    ipamd's word, or prevResult when ipamd cannot be asked. Never when ipamd says
     //    the container holds nothing (a repeated DEL: the address may be another pod's
     //    now), nor when another pod's veth routes it.
-    for (i, (t, f)) in targets.iter().zip(&found).enumerate() {
+    for (i, ((t, f), f6)) in targets.iter().zip(&found).zip(&found6).enumerate() {
         // A further attachment is upstream's alone (ipamd answers for the first): its
         // prevResult address, guarded as any address the node did not show as ours.
         let other = match &released {
@@ -528,14 +600,22 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             }
             Err(CallError::Failed(_)) => t.prev_ip,
         };
-        if let Some(ip) = other.filter(|ip| !f.ips().any(|o| o == *ip)) {
-            let ours = f.host_veth.as_ref().map(|h| h.index);
-            datapath::remove_rules(&host, &[], &[ip], ours)
-                .await
-                .map_err(|e| {
-                    CniError::datapath(format!("could not remove the host rules of {ip}"))
-                        .with_details(e)
-                })?;
+        let ours = f.host_veth.as_ref().map(|h| h.index);
+        let failed = |ip: IpAddr, e| {
+            CniError::datapath(format!("could not remove the host rules of {ip}")).with_details(e)
+        };
+        match other {
+            Some(IpAddr::V4(ip)) if !f.ips().any(|o| o == ip) => {
+                datapath::remove_rules(&host, &[], &[ip], ours)
+                    .await
+                    .map_err(|e| failed(IpAddr::V4(ip), e))?;
+            }
+            Some(IpAddr::V6(ip)) if !f6.ips().any(|o| o == ip) => {
+                datapath::remove_rules(&host, &[], &[ip], ours)
+                    .await
+                    .map_err(|e| failed(IpAddr::V6(ip), e))?;
+            }
+            _ => {}
         }
     }
     match released {
@@ -549,7 +629,7 @@ struct Target {
     host_veth: String,
     if_name: String,
     /// Its address in prevResult, if any.
-    prev_ip: Option<Ipv4Addr>,
+    prev_ip: Option<IpAddr>,
 }
 
 async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
@@ -573,34 +653,17 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
         .as_ref()
         .ok_or_else(|| CniError::config("CHECK needs prevResult in the configuration"))?;
     let prev = CniResult::from_prev(prev)?;
-    let ip = prev.sandbox_ipv4(&env.if_name).ok_or_else(|| {
+    let ip = prev.sandbox_ip(&env.if_name).ok_or_else(|| {
         CniError::config(format!(
-            "prevResult has no IPv4 address for interface {}",
+            "prevResult has no address for interface {}",
             env.if_name
         ))
     })?;
     let sides = open_pod_ns(&env.netns)?;
-    // Which table the from-rule should name is ipamd's knowledge; CHECK verifies it if
-    // present and otherwise accepts the primary-ENI form.
-    let rules = sides
-        .host
-        .rules()
-        .await
-        .map_err(|e| CniError::datapath("cannot read host rules").with_details(e))?;
-    let table = rules
-        .iter()
-        .find(|r| r.priority == datapath::FROM_POD_RULE_PRIORITY && r.from == Some((ip, 32)))
-        .map(|r| r.table);
-    let spec = PodSpec {
-        host_veth: host_veth(conf, env, &k8s),
-        if_name: env.if_name.clone(),
-        ip,
-        mtu: conf.mtu,
-        table,
+    let wrong = match ip {
+        IpAddr::V4(ip) => check_family(&sides, conf, env, &k8s, ip).await?,
+        IpAddr::V6(ip) => check_family(&sides, conf, env, &k8s, ip).await?,
     };
-    let wrong = datapath::check(&sides.host, &sides.pod, &spec)
-        .await
-        .map_err(|e| CniError::datapath("cannot read the datapath").with_details(e))?;
     if wrong.is_empty() {
         Ok(())
     } else {
@@ -610,6 +673,39 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
         )
         .with_details(wrong.join("; ")))
     }
+}
+
+/// CHECK of one family's datapath: what differs.
+async fn check_family<A: PodFamily>(
+    sides: &Sides,
+    conf: &NetConf,
+    env: &CniEnv,
+    k8s: &K8sArgs,
+    ip: A,
+) -> Result<Vec<String>> {
+    // Which table the from-rule should name is ipamd's knowledge; CHECK verifies it if
+    // present and otherwise accepts the primary-ENI form.
+    let rules = sides
+        .host
+        .rules_of::<A>()
+        .await
+        .map_err(|e| CniError::datapath("cannot read host rules").with_details(e))?;
+    let table = rules
+        .iter()
+        .find(|r| {
+            r.priority == datapath::FROM_POD_RULE_PRIORITY && r.from == Some((ip, A::HOST_LEN))
+        })
+        .map(|r| r.table);
+    let spec = PodSpec {
+        host_veth: host_veth(conf, env, k8s),
+        if_name: env.if_name.clone(),
+        ip,
+        mtu: conf.mtu,
+        table,
+    };
+    datapath::check(&sides.host, &sides.pod, &spec)
+        .await
+        .map_err(|e| CniError::datapath("cannot read the datapath").with_details(e))
 }
 
 /// STATUS and GC are verbs of CNI 1.1.0: a configuration of an earlier version has none.
@@ -675,28 +771,39 @@ async fn gc(conf: &NetConf) -> Result<()> {
         info!("ipamd does not implement GC; nothing collected");
         return Ok(());
     };
-    let mut released = Vec::with_capacity(reply.released.len());
+    let (mut released, mut released6) = (Vec::new(), Vec::new());
     for r in &reply.released {
-        let Some(ip) = r
-            .ip_allocation_metadata
-            .as_ref()
-            .and_then(|m| m.i_pv4_addr.parse::<Ipv4Addr>().ok())
-        else {
+        let Some(m) = r.ip_allocation_metadata.as_ref() else {
+            continue;
+        };
+        let ip: IpAddr = if let Ok(v4) = m.i_pv4_addr.parse::<Ipv4Addr>() {
+            released.push(v4);
+            v4.into()
+        } else if let Ok(v6) = m.i_pv6_addr.parse::<Ipv6Addr>() {
+            released6.push(v6);
+            v6.into()
+        } else {
             continue;
         };
         info!(
             "GC released {ip} of container {} ({})",
             r.container_id, r.if_name
         );
-        released.push(ip);
     }
-    // One listing of the rules for all of them.
-    datapath::remove_rules(&host_netlink()?, &released, &[], None)
+    // One listing of the rules (of each family) for all of them.
+    let host = host_netlink()?;
+    let failed = |e| {
+        CniError::datapath(format!(
+            "could not remove the host rules of {released:?} {released6:?}"
+        ))
+        .with_details(e)
+    };
+    datapath::remove_rules(&host, &released, &[], None)
         .await
-        .map_err(|e| {
-            CniError::datapath(format!("could not remove the host rules of {released:?}"))
-                .with_details(e)
-        })?;
+        .map_err(failed)?;
+    datapath::remove_rules(&host, &released6, &[], None)
+        .await
+        .map_err(failed)?;
     if !reply.success {
         return Err(CniError::new(
             ErrorCode::Ipamd,

@@ -87,17 +87,28 @@ impl CniResult {
         self
     }
 
-    /// The address this plugin gave the interface named `if_name` in the sandbox.
+    /// The IPv4 address this plugin gave the interface named `if_name` in the sandbox.
     pub fn sandbox_ipv4(&self, if_name: &str) -> Option<std::net::Ipv4Addr> {
-        self.ips.iter().find_map(|ip| {
+        self.sandbox_ips(if_name).find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The address (either family, IPv4 first) this plugin gave the interface `if_name`.
+    pub fn sandbox_ip(&self, if_name: &str) -> Option<IpAddr> {
+        self.sandbox_ipv4(if_name)
+            .map(IpAddr::V4)
+            .or_else(|| self.sandbox_ips(if_name).next())
+    }
+
+    fn sandbox_ips<'a>(&'a self, if_name: &'a str) -> impl Iterator<Item = IpAddr> + 'a {
+        self.ips.iter().filter_map(move |ip| {
             let iface = self.interfaces.get(ip.interface?)?;
             if iface.sandbox.is_none() || iface.name != if_name {
                 return None;
             }
-            match ip.ip()? {
-                IpAddr::V4(v4) => Some(v4),
-                IpAddr::V6(_) => None,
-            }
+            ip.ip()
         })
     }
 

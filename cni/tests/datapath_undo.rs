@@ -67,13 +67,14 @@ fn undo_after_a_complete_setup_leaves_nothing() {
         let spec = PodSpec {
             host_veth: "enitestundo01".into(),
             if_name: "eth0".into(),
-            ip: "10.0.5.5".parse().unwrap(),
+            ip: "10.0.5.5".parse::<std::net::Ipv4Addr>().unwrap(),
             mtu: 1500,
             table: Some(4),
         };
         // The host end must be created from inside the node namespace.
         let old = datapath::occupants(&host, &pod_nl, &spec).await.unwrap();
-        let built = datapath::setup(&host, &pod_nl, pod_ns.raw_fd(), &spec, &old, &[])
+        let in_pod = |_: &mut dyn FnMut() -> std::io::Result<()>| Ok(());
+        let built = datapath::setup(&host, &pod_nl, pod_ns.raw_fd(), &in_pod, &spec, &old, &[])
             .await
             .unwrap();
         assert_eq!(built.pod.mtu, 1500);

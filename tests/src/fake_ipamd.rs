@@ -1,9 +1,10 @@
 //! A small ipamd for plugin tests and benchmarks: the real `CNIBackend`, health and GC
 //! services over a real Unix socket, answering from a fixed list of addresses at once.
-//! It records every request so tests can see what the plugin asked for.
+//! It records every request so tests can see what the plugin asked for. Its addresses
+//! may be IPv6 (an ENABLE_IPv6 node's /128s): then it answers as ipamd does in IPv6 mode.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -43,8 +44,8 @@ pub enum Mode {
 
 pub struct State {
     /// Free addresses with the device number of the ENI that holds them.
-    pub free: VecDeque<(Ipv4Addr, i32)>,
-    pub assigned: HashMap<Key, (Ipv4Addr, i32)>,
+    pub free: VecDeque<(IpAddr, i32)>,
+    pub assigned: HashMap<Key, (IpAddr, i32)>,
     pub calls: Vec<Call>,
     pub mode: Mode,
     pub health: ServingStatus,
@@ -54,12 +55,21 @@ pub struct State {
 #[derive(Clone)]
 struct Svc(Arc<Mutex<State>>);
 
-fn meta(ip: Ipv4Addr, dev: i32) -> IpAllocationMetadata {
-    IpAllocationMetadata {
-        i_pv4_addr: ip.to_string(),
-        i_pv6_addr: String::new(),
-        device_number: dev,
-        route_table_id: if dev > 0 { dev + 1 } else { 0 },
+fn meta(ip: IpAddr, dev: i32) -> IpAllocationMetadata {
+    match ip {
+        IpAddr::V4(ip) => IpAllocationMetadata {
+            i_pv4_addr: ip.to_string(),
+            i_pv6_addr: String::new(),
+            device_number: dev,
+            route_table_id: if dev > 0 { dev + 1 } else { 0 },
+        },
+        // As ipamd answers in IPv6 mode: the primary ENI, table 1.
+        IpAddr::V6(ip) => IpAllocationMetadata {
+            i_pv4_addr: String::new(),
+            i_pv6_addr: ip.to_string(),
+            device_number: 0,
+            route_table_id: 1,
+        },
     }
 }
 
@@ -91,7 +101,7 @@ impl CniBackend for Svc {
                     i_pv4_addr: a,
                     ..Default::default()
                 }];
-                s.assigned.insert(key, (Ipv4Addr::UNSPECIFIED, 0));
+                s.assigned.insert(key, (Ipv4Addr::UNSPECIFIED.into(), 0));
                 return Ok(Response::new(reply));
             }
             Mode::Normal => {}
@@ -215,7 +225,7 @@ pub struct FakeIpamd {
 
 impl FakeIpamd {
     /// Serves `pool` (address, ENI device number) on a fresh socket.
-    pub fn start(pool: Vec<(Ipv4Addr, i32)>) -> FakeIpamd {
+    pub fn start<A: Into<IpAddr>>(pool: Vec<(A, i32)>) -> FakeIpamd {
         let dir = std::env::temp_dir().join(format!(
             "aws-cni-test-{}-{}",
             std::process::id(),
@@ -225,7 +235,7 @@ impl FakeIpamd {
         std::fs::create_dir_all(&dir).expect("socket dir");
         let socket = dir.join("ipamd.sock");
         let state = Arc::new(Mutex::new(State {
-            free: pool.into(),
+            free: pool.into_iter().map(|(a, d)| (a.into(), d)).collect(),
             assigned: HashMap::new(),
             calls: Vec::new(),
             mode: Mode::Normal,

@@ -218,7 +218,7 @@ impl World {
     }
 
     /// The daemon serves `pool` (address, ENI device number).
-    pub fn new(pool: Vec<(std::net::Ipv4Addr, i32)>) -> World {
+    pub fn new<A: Into<std::net::IpAddr>>(pool: Vec<(A, i32)>) -> World {
         crate::require_root();
         let ipamd = FakeIpamd::start(pool);
         let log = ipamd.dir.join("plugin.log").display().to_string();

@@ -408,7 +408,7 @@ fn repeated_add_for_one_sandbox_is_idempotent() {
 #[test]
 fn status_reflects_ipamd_health() {
     use vpc_cni_proto::health::health_check_response::ServingStatus;
-    let mut w = World::new(vec![]);
+    let mut w = World::new(Vec::<(Ipv4Addr, i32)>::new());
     let inv = Invocation::new("STATUS", "", "", "", "");
     let ok = w.run(&inv, &w.conf("1.1.0", &[]));
     assert!(ok.success, "{}", ok.stdout);
