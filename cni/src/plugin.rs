@@ -525,13 +525,25 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let mut found = Vec::with_capacity(targets.len());
     let mut found6 = Vec::with_capacity(targets.len());
     for t in &targets {
-        let f = datapath::find::<Ipv4Addr>(&host, pod.as_ref(), &t.host_veth, &t.if_name)
+        let h = host
+            .link(&t.host_veth)
             .await
-            .map_err(read_err)?;
-        let f6 = if f.host_veth.is_some()
-            && (f.is_empty() || matches!(t.prev_ip, Some(IpAddr::V6(_))))
-        {
-            datapath::find_on::<Ipv6Addr>(&host, pod.as_ref(), f.host_veth.clone(), &t.if_name)
+            .map_err(read_err)?
+            .filter(|l| l.is_veth);
+        // prevResult (containerd passes its cached one) names the family: one dump then.
+        let v6 = matches!(t.prev_ip, Some(IpAddr::V6(_)));
+        let f = if v6 {
+            datapath::Found {
+                host_veth: h.clone(),
+                ..Default::default()
+            }
+        } else {
+            datapath::find_on::<Ipv4Addr>(&host, pod.as_ref(), h.clone(), &t.if_name)
+                .await
+                .map_err(read_err)?
+        };
+        let f6 = if h.is_some() && (v6 || f.is_empty()) {
+            datapath::find_on::<Ipv6Addr>(&host, pod.as_ref(), h, &t.if_name)
                 .await
                 .map_err(read_err)?
         } else {

@@ -1,10 +1,12 @@
 //! Plugin benchmark (not a test): prints the stripped binary size, the cold start of
 //! `aws-cni` (exec of VERSION), and ADD / DEL latency p50 / p99 with 1 and 16 pods in
-//! flight against a daemon that answers at once. Real namespaces, real veths.
+//! flight against a daemon that answers at once, for IPv4 pods and then IPv6 pods (an
+//! ENABLE_IPv6 node's /128s). Real namespaces, real veths.
 //!
 //! cargo build --release -p aws-cni && cargo run --release -p vpc-cni-tests --bin bench-plugin
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -63,9 +65,25 @@ fn main() {
     );
 
     let node = Node::new("192.168.0.10");
-    let pool: Vec<(Ipv4Addr, i32)> = (0..4000u32)
-        .map(|i| (Ipv4Addr::from(0x0a00_0000 + 0x0100 + i), (i % 3) as i32))
+    let pool: Vec<(IpAddr, i32)> = (0..4000u32)
+        .map(|i| {
+            (
+                Ipv4Addr::from(0x0a00_0000 + 0x0100 + i).into(),
+                (i % 3) as i32,
+            )
+        })
         .collect();
+    rounds(&bin, &node, "IPv4", pool);
+    let base = u128::from("2600:1f14:0:100:1::".parse::<Ipv6Addr>().unwrap());
+    let pool6: Vec<(IpAddr, i32)> = (1..4000u128)
+        .map(|i| (Ipv6Addr::from(base + i).into(), 0))
+        .collect();
+    rounds(&bin, &node, "IPv6", pool6);
+}
+
+/// ADD then DEL of 100 pods one at a time and 160 pods 16 at a time, from `pool`.
+fn rounds(bin: &PathBuf, node: &Node, family: &str, pool: Vec<(IpAddr, i32)>) {
+    println!("{family} pods:");
     let ipamd = FakeIpamd::start(pool);
     ipamd.state.lock().unwrap().record = false;
     let log = ipamd.dir.join("plugin.log").display().to_string();
@@ -108,7 +126,7 @@ fn main() {
                             }
                             let inv = invs[i].with_command(verb);
                             let t = Instant::now();
-                            let out = run(&bin, Some(&node.ns.path()), &inv, &conf);
+                            let out = run(bin, Some(&node.ns.path()), &inv, &conf);
                             let d = t.elapsed();
                             if !out.success {
                                 failures.fetch_add(1, Ordering::Relaxed);
