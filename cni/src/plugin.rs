@@ -117,10 +117,10 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
 }
 
 /// The pod's network namespace and netlink sockets on both sides.
-struct Sides {
-    host: Netlink,
-    pod: Netlink,
-    pod_ns: NetNs,
+pub(crate) struct Sides {
+    pub(crate) host: Netlink,
+    pub(crate) pod: Netlink,
+    pub(crate) pod_ns: NetNs,
 }
 
 /// Where CNI_NETNS stands.
@@ -187,7 +187,7 @@ fn pod_ns(path: &str) -> Result<PodNs> {
 }
 
 /// The pod's namespace for ADD and CHECK, which must enter it.
-fn open_pod_ns(path: &str) -> Result<Sides> {
+pub(crate) fn open_pod_ns(path: &str) -> Result<Sides> {
     match pod_ns(path)? {
         PodNs::Open(s) => Ok(s),
         PodNs::Gone => Err(CniError::new(

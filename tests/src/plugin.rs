@@ -20,12 +20,21 @@ pub fn plugin_bin(release: bool) -> PathBuf {
     if let Ok(p) = std::env::var("AWS_CNI_BIN") {
         return PathBuf::from(p);
     }
+    built_bin("aws-cni", release)
+}
+
+/// The `egress-cni` binary of the workspace's target dir (built with `-p aws-cni`).
+pub fn egress_bin() -> PathBuf {
+    built_bin("egress-cni", false)
+}
+
+fn built_bin(name: &str, release: bool) -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let p = target
         .join(if release { "release" } else { "debug" })
-        .join("aws-cni");
+        .join(name);
     assert!(
         p.exists(),
         "{} not found: run `cargo build -p aws-cni{}` first",
