@@ -252,14 +252,14 @@ def bin_targets():
 def test_dockerfile_ships_the_binaries_the_manifest_runs(node):
     text = open(os.path.join(DEPLOY, "Dockerfile")).read()
     copied = set(re.findall(r"/src/target/release/([\w-]+)", text))
-    assert copied == {"aws-cni", "ipamd", "aws-vpc-cni"}
+    assert copied == {"aws-cni", "egress-cni", "ipamd", "aws-vpc-cni"}
     assert copied <= bin_targets(), bin_targets()
     assert 'ENTRYPOINT ["/app/aws-vpc-cni"]' in text
     spec = node["DaemonSet"]["spec"]["template"]["spec"]
     used = {c["command"][0] for c in spec["containers"] + spec["initContainers"]}
     used |= {spec["containers"][0][p]["exec"]["command"][0] for p in ("livenessProbe", "readinessProbe")}
     assert used == {f"/app/{b}" for b in ("aws-vpc-cni", "ipamd")}
-    # The entrypoint finds aws-cni and ipamd next to itself in /app.
+    # The entrypoint finds aws-cni, egress-cni (IPv6 mode) and ipamd next to itself in /app.
     assert "--bins" in text and "-p aws-cni" in text and "-p ipamd" in text
 
 

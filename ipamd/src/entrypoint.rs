@@ -25,7 +25,16 @@ pub struct Settings {
     pub ipamd_bin: PathBuf,
     pub ready_timeout: Duration,
     pub conflist: Value,
+    /// IPv6 mode: `egress-cni` is installed too and chained after `aws-cni`; with IPv4
+    /// egress on (ENABLE_V4_EGRESS), its `nodeIP` is filled in from IMDS before the
+    /// conflist is written.
+    pub ipv6: bool,
+    pub v4_egress: bool,
 }
+
+/// egress-cni's IPv4 range and address store (upstream's).
+pub const EGRESS_V4_SUBNET: &str = "169.254.172.0/22";
+pub const EGRESS_V4_DATA_DIR: &str = "/run/cni/v6pd/egress-v4-ipam";
 
 fn env_or(get: &impl Fn(&str) -> Option<String>, var: &str, default: &str) -> String {
     get(var)
@@ -81,6 +90,38 @@ pub fn settings(get: impl Fn(&str) -> Option<String>, exe_dir: &Path) -> Result<
         "pluginLogLevel": level,
         "ipamdAddress": socket,
     })];
+    let v4_egress = match env_or(&get, "ENABLE_V4_EGRESS", "true")
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "true" => true,
+        "false" => false,
+        v => return Err(format!("ENABLE_V4_EGRESS={v:?} is invalid: true or false")),
+    };
+    if cfg.enable_ipv6 {
+        let egress_level = env_or(&get, "AWS_VPC_K8S_EGRESS_PLUGIN_LOG_LEVEL", "DEBUG");
+        if LogLevel::parse(&egress_level).is_none() {
+            return Err(format!(
+                "AWS_VPC_K8S_EGRESS_PLUGIN_LOG_LEVEL={egress_level:?} is invalid: DEBUG, INFO, WARN or ERROR"
+            ));
+        }
+        plugins.push(json!({
+            "name": "egress-cni",
+            "type": "egress-cni",
+            "mtu": cfg.eni_mtu.to_string(),
+            "enabled": v4_egress.to_string(),
+            "randomizeSNAT": format!("{:?}", cfg.randomize_snat).to_ascii_lowercase(),
+            "nodeIP": "",
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": EGRESS_V4_SUBNET}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": EGRESS_V4_DATA_DIR,
+            },
+            "pluginLogFile": env_or(&get, "AWS_VPC_K8S_EGRESS_PLUGIN_LOG_FILE", "/var/log/aws-routed-eni/egress-v4-plugin.log"),
+            "pluginLogLevel": egress_level,
+        }));
+    }
     // hostPort pods need portmap; chain it when the node has it, as upstream's list does.
     if cni_bin_dir.join("portmap").exists() {
         plugins.push(json!({
@@ -95,6 +136,8 @@ pub fn settings(get: impl Fn(&str) -> Option<String>, exe_dir: &Path) -> Result<
         ipamd_bin: abs("IPAMD_BIN", &format!("{exe}/ipamd"))?,
         cni_bin_dir,
         ready_timeout,
+        ipv6: cfg.enable_ipv6,
+        v4_egress: cfg.enable_ipv6 && v4_egress,
         conflist: json!({
             "cniVersion": "1.0.0",
             "name": "aws-cni",
@@ -127,20 +170,26 @@ fn log(msg: impl std::fmt::Display) {
     eprintln!("aws-vpc-cni: {msg}");
 }
 
-pub async fn run(s: Settings) -> ExitCode {
-    let plugin = match std::fs::read(&s.plugin_source) {
-        Ok(b) => b,
-        Err(e) => {
-            log(format!("reading {}: {e}", s.plugin_source.display()));
+pub async fn run(mut s: Settings) -> ExitCode {
+    let mut binaries = vec![s.plugin_source.clone()];
+    if s.ipv6 {
+        binaries.push(s.plugin_source.with_file_name("egress-cni"));
+    }
+    for src in binaries {
+        let plugin = match std::fs::read(&src) {
+            Ok(b) => b,
+            Err(e) => {
+                log(format!("reading {}: {e}", src.display()));
+                return ExitCode::from(1);
+            }
+        };
+        let dest = s.cni_bin_dir.join(src.file_name().unwrap_or_default());
+        if let Err(e) = install_atomically(&dest, &plugin, 0o755) {
+            log(format!("installing {}: {e}", dest.display()));
             return ExitCode::from(1);
         }
-    };
-    let dest = s.cni_bin_dir.join("aws-cni");
-    if let Err(e) = install_atomically(&dest, &plugin, 0o755) {
-        log(format!("installing {}: {e}", dest.display()));
-        return ExitCode::from(1);
+        log(format!("installed {}", dest.display()));
     }
-    log(format!("installed {}", dest.display()));
     let mut child = match tokio::process::Command::new(&s.ipamd_bin).spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -199,6 +248,28 @@ pub async fn run(s: Settings) -> ExitCode {
             }
         }
     }
+    if s.v4_egress {
+        // ipamd is healthy: IMDS has answered it, so it answers us.
+        use ipamd_core::cloud::Imds;
+        match crate::aws::SdkImds::from_env().instance().await {
+            Ok(m) => {
+                if let Some(p) = s.conflist["plugins"]
+                    .as_array_mut()
+                    .and_then(|ps| ps.iter_mut().find(|p| p["type"] == "egress-cni"))
+                {
+                    p["nodeIP"] = m.primary_ip.to_string().into();
+                }
+            }
+            Err(e) => {
+                log(format!(
+                    "the node's primary IPv4 (IMDS local-ipv4, for IPv4 egress): {e}; not writing {CONFLIST_NAME}"
+                ));
+                pass_on(&child, nix::sys::signal::Signal::SIGTERM);
+                let _ = child.wait().await;
+                return ExitCode::from(1);
+            }
+        }
+    }
     let conf = s.cni_conf_dir.join(CONFLIST_NAME);
     let text = serde_json::to_vec_pretty(&s.conflist).unwrap_or_default();
     if let Err(e) = install_atomically(&conf, &text, 0o644) {
@@ -246,15 +317,32 @@ pub fn init_sysctls() -> Result<(), String> {
         .map_err(|e| format!("reading /proc/net/route: {e}"))?;
     let primary = default_route_interface(&routes)
         .ok_or("no default route: cannot tell the primary interface")?;
-    for (path, value) in [
-        ("net/ipv4/ip_forward".to_string(), "1"),
-        (format!("net/ipv4/conf/{primary}/rp_filter"), "2"),
-    ] {
+    let ipv6 = std::env::var("ENABLE_IPv6").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    for (path, value) in init_sysctl_list(&primary, ipv6) {
         let full = format!("/proc/sys/{path}");
         std::fs::write(&full, value).map_err(|e| format!("setting {full} to {value}: {e}"))?;
         log(format!("{full} = {value}"));
     }
     Ok(())
+}
+
+/// What `init` sets: IPv4 forwarding and loose rp_filter on the primary interface; with
+/// ENABLE_IPv6, IPv6 on, forwarding, and router advertisements still accepted on the
+/// primary interface (`accept_ra=2`: forwarding would otherwise turn them off, and with
+/// them the node's default IPv6 route), as upstream's init.
+pub fn init_sysctl_list(primary: &str, ipv6: bool) -> Vec<(String, &'static str)> {
+    let mut v = vec![
+        ("net/ipv4/ip_forward".to_string(), "1"),
+        (format!("net/ipv4/conf/{primary}/rp_filter"), "2"),
+    ];
+    if ipv6 {
+        v.extend([
+            ("net/ipv6/conf/all/disable_ipv6".to_string(), "0"),
+            (format!("net/ipv6/conf/{primary}/accept_ra"), "2"),
+            ("net/ipv6/conf/all/forwarding".to_string(), "1"),
+        ]);
+    }
+    v
 }
 
 /// The env as a lookup, for `settings`.
@@ -312,6 +400,49 @@ mod tests {
         assert_eq!(p["mtu"], "1500");
         assert_eq!(p["vethPrefix"], "abc");
         assert_eq!(p["pluginLogLevel"], "info");
+    }
+
+    #[test]
+    fn ipv6_mode_chains_egress_cni_and_init_sets_the_ipv6_sysctls() {
+        let v6 = [
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_IPv4", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ];
+        let s = with(&v6).unwrap();
+        assert!(s.ipv6 && s.v4_egress);
+        let plugins = s.conflist["plugins"].as_array().unwrap();
+        assert_eq!(plugins[0]["type"], "aws-cni");
+        let e = &plugins[1];
+        assert_eq!(e["type"], "egress-cni");
+        assert_eq!(e["enabled"], "true");
+        assert_eq!(e["randomizeSNAT"], "prng");
+        assert_eq!(e["ipam"]["ranges"][0][0]["subnet"], "169.254.172.0/22");
+        let off = with(&[&v6[..], &[("ENABLE_V4_EGRESS", "false")]].concat()).unwrap();
+        assert!(!off.v4_egress);
+        assert_eq!(off.conflist["plugins"][1]["enabled"], "false");
+        assert!(
+            with(&[&v6[..], &[("ENABLE_V4_EGRESS", "maybe")]].concat())
+                .unwrap_err()
+                .contains("ENABLE_V4_EGRESS")
+        );
+        // An IPv4 node has one plugin, and init touches no IPv6 setting.
+        assert_eq!(
+            with(&[]).unwrap().conflist["plugins"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            init_sysctl_list("ens5", false)
+                .iter()
+                .all(|(p, _)| !p.contains("ipv6"))
+        );
+        let six = init_sysctl_list("ens5", true);
+        assert!(six.contains(&("net/ipv6/conf/ens5/accept_ra".into(), "2")));
+        assert!(six.contains(&("net/ipv6/conf/all/forwarding".into(), "1")));
+        assert!(six.contains(&("net/ipv6/conf/all/disable_ipv6".into(), "0")));
     }
 
     #[test]

@@ -264,6 +264,53 @@ pub fn converge_iptables(ipt_: &IPTables, plan: &[ChainPlan]) -> Result<Vec<Stri
     Ok(changed)
 }
 
+/// The rule of an IPv6 node that keeps pods' IPv4 egress addresses (egress-cni's
+/// 169.254.172.0/22) unreachable: new connections to them are refused in FORWARD.
+pub const EGRESS_BLOCK_RULE: &str = "-d 169.254.172.0/22 -m conntrack --ctstate NEW -m comment --comment \"AWS, block node-local pod access via IPv4\" -j REJECT --reject-with icmp-port-unreachable";
+/// Upstream's comment on the same rule (it inserts one more copy at every start).
+const UPSTREAM_EGRESS_BLOCK_COMMENT: &str = "Block Node Local Pod access via IPv4";
+
+/// An IPv6 node's host state (ENABLE_IPv6): IPv6 forwarding on, and
+/// [`EGRESS_BLOCK_RULE`] exactly once, first in filter FORWARD (before any ACCEPT of
+/// kube-proxy's or a runtime's). Upstream's copies of the rule are replaced by it.
+/// Returns what it changed.
+pub fn converge_ipv6_node(backend: Backend) -> Result<Vec<String>, String> {
+    let mut changed = Vec::new();
+    for (path, value) in [
+        ("net/ipv6/conf/all/forwarding", "1"),
+        ("net/ipv4/ip_forward", "1"),
+    ] {
+        let full = format!("/proc/sys/{path}");
+        if std::fs::read_to_string(&full).unwrap_or_default().trim() != value {
+            sysctl(path, value)?;
+            changed.push(format!("{full} = {value}"));
+        }
+    }
+    let ipt_ = backend.iptables(backend.binary()?);
+    let have = list_rules(&ipt_, "filter", "FORWARD")?;
+    let blocks: Vec<&String> = have
+        .iter()
+        .filter(|r| {
+            r.contains(UPSTREAM_EGRESS_BLOCK_COMMENT) || r.contains("AWS, block node-local")
+        })
+        .collect();
+    let first_ok = have.first().is_some_and(|r| r == EGRESS_BLOCK_RULE);
+    if !(first_ok && blocks.len() == 1) {
+        for r in &blocks {
+            ipt("delete", ipt_.delete("filter", "FORWARD", r))?;
+        }
+        ipt(
+            "insert",
+            ipt_.insert("filter", "FORWARD", EGRESS_BLOCK_RULE, 1),
+        )?;
+        changed.push(format!(
+            "filter FORWARD: the egress block rule first ({} copies before)",
+            blocks.len()
+        ));
+    }
+    Ok(changed)
+}
+
 /// A chain's rules as `iptables -S` prints them, without `-A <chain> `.
 fn list_rules(ipt_: &IPTables, table: &str, chain: &str) -> Result<Vec<String>, String> {
     // (`IPTables::list` ignores the exit status: a failed listing would look empty.)

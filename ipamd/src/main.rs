@@ -402,8 +402,30 @@ async fn daemon6(
         aws::LateEc2::default(),
         BudgetConfig::default(),
     ));
+    let backend =
+        match host::Backend::from_env(std::env::var("IPAMD_IPTABLES_MODE").ok().as_deref()) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("ipamd: {e}");
+                return ExitCode::from(2);
+            }
+        };
     let socket = std::path::PathBuf::from(&cfg.socket_path);
     let ec2_endpoint = cfg.ec2_endpoint.clone();
+    // The host side (IPv6 forwarding, the egress block rule), converged now and at every
+    // reconcile interval, beside serving.
+    let every = timing.reconcile_interval;
+    let host_loop = tokio::spawn(async move {
+        loop {
+            match tokio::task::spawn_blocking(move || host::converge_ipv6_node(backend)).await {
+                Ok(Ok(changed)) if !changed.is_empty() => info!(?changed, "IPv6 host network"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => error!("IPv6 host network: {e}"),
+                Err(e) => error!("IPv6 host network: {e}"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
     let node = match Node6::restore(cfg, ec2.clone(), imds, timing).await {
         Ok(n) => n,
         Err(e) => {
@@ -503,6 +525,7 @@ async fn daemon6(
         let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
     }
     pool.abort();
+    host_loop.abort();
     let stats = ec2.stats();
     info!(calls = ?stats.calls, errors = ?stats.errors, throttled = stats.throttled, "EC2 calls this run");
     if let Err(e) = node.compact().await {

@@ -244,3 +244,92 @@ fn init_sets_forwarding_and_loose_rp_filter_on_the_primary_interface() {
         assert_eq!(read("conf/ens5/rp_filter").trim(), "2");
     })
 }
+
+#[test]
+fn ipv6_mode_installs_and_chains_egress_cni_with_the_nodes_primary_ipv4() {
+    in_node_ns(
+        "entry6",
+        ipv6_mode_installs_and_chains_egress_cni_with_the_nodes_primary_ipv4_,
+    )
+}
+
+async fn ipv6_mode_installs_and_chains_egress_cni_with_the_nodes_primary_ipv4_() {
+    let emu = Emulator::start();
+    let id = emu.seed(&["--ipv6"]).remove(0);
+    let h = Host::new();
+    std::fs::write(h.image().join("egress-cni"), b"#!/bin/sh\necho egress\n").unwrap();
+    let mut d = Ipamd::start(
+        &emu,
+        &[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_IPv4", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ],
+    );
+    let env: Vec<(&str, String)> = d
+        .env
+        .iter()
+        .filter(|(k, _)| *k != "IPAMD_SOCKET")
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    if let Some(mut c) = d.child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let mut entry = h
+        .command(Path::new(env!("CARGO_BIN_EXE_ipamd")), &env)
+        .env("AWS_VPC_K8S_CNI_LOGLEVEL", "ERROR")
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !h.conf().exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no conflist after 30 s"
+        );
+        assert!(entry.try_wait().unwrap().is_none(), "entrypoint exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.conf()).unwrap()).unwrap();
+    let (_, inst) = ec2_instance(&emu, &id).await;
+    let e = &conf["plugins"][1];
+    assert_eq!(e["type"], "egress-cni", "{conf}");
+    assert_eq!(e["nodeIP"], inst.private_ip_address().unwrap(), "{conf}");
+    assert_eq!(
+        std::fs::read(h.bin().join("egress-cni")).unwrap(),
+        b"#!/bin/sh\necho egress\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(entry.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (code, err) = stderr_of(entry);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn init_in_ipv6_mode_turns_ipv6_forwarding_on_and_keeps_router_advertisements() {
+    in_node_ns("entry-init6", async || {
+        for c in [
+            "ip link add ens5 type veth peer name ens5-peer",
+            "ip addr add 192.168.0.10/24 dev ens5",
+            "ip link set ens5 up",
+            "ip link set ens5-peer up",
+            "ip route add default via 192.168.0.1",
+        ] {
+            sh(&c.split(' ').collect::<Vec<_>>());
+        }
+        let read = |k: &str| sh(&["cat", &format!("/proc/sys/net/ipv6/conf/{k}")]);
+        let out = Command::new(env!("CARGO_BIN_EXE_aws-vpc-cni"))
+            .arg("init")
+            .env("ENABLE_IPv6", "true")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(read("all/forwarding").trim(), "1");
+        assert_eq!(read("all/disable_ipv6").trim(), "0");
+        assert_eq!(read("ens5/accept_ra").trim(), "2");
+    })
+}

@@ -744,3 +744,71 @@ fn pods_reach_the_vpc_unchanged_and_the_internet_through_snat() {
     });
     drop((pod_a, pod_b));
 }
+
+fn ipv6_node_converges(backend: Backend) {
+    in_node_ns("hostnet6", || async move {
+        let ipt = ipt_bin(backend);
+        // What a node moving from upstream has: kube's FORWARD rules, and upstream's copy of
+        // the egress block rule once per aws-node start.
+        sh(&[ipt, "-N", "KUBE-FORWARD"]);
+        sh(&[ipt, "-A", "FORWARD", "-j", "KUBE-FORWARD"]);
+        for _ in 0..2 {
+            sh(&[
+                ipt,
+                "-I",
+                "FORWARD",
+                "1",
+                "-d",
+                "169.254.172.0/22",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-m",
+                "comment",
+                "--comment",
+                "Block Node Local Pod access via IPv4",
+                "-j",
+                "REJECT",
+            ]);
+        }
+        let changed = ipamd::host::converge_ipv6_node(backend).unwrap();
+        assert!(!changed.is_empty());
+        let forward = saved(backend, "filter")["FORWARD"].clone();
+        assert_eq!(
+            forward,
+            vec![
+                ipamd::host::EGRESS_BLOCK_RULE.to_string(),
+                "-j KUBE-FORWARD".to_string()
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+                .unwrap()
+                .trim(),
+            "1"
+        );
+        // Converged: a second pass changes nothing; someone moving the rule is repaired.
+        assert_eq!(
+            ipamd::host::converge_ipv6_node(backend).unwrap(),
+            Vec::<String>::new()
+        );
+        sh(&[ipt, "-D", "FORWARD", "-j", "KUBE-FORWARD"]);
+        sh(&[ipt, "-I", "FORWARD", "1", "-j", "KUBE-FORWARD"]);
+        assert!(!ipamd::host::converge_ipv6_node(backend).unwrap().is_empty());
+        assert_eq!(
+            saved(backend, "filter")["FORWARD"][0],
+            ipamd::host::EGRESS_BLOCK_RULE
+        );
+    });
+}
+
+#[test]
+fn ipv6_node_blocks_new_connections_to_egress_addresses_first_in_forward_nft() {
+    ipv6_node_converges(Backend::Nft);
+}
+
+#[test]
+fn ipv6_node_blocks_new_connections_to_egress_addresses_first_in_forward_legacy() {
+    ipv6_node_converges(Backend::Legacy);
+}
