@@ -3,7 +3,10 @@
 //! reports, and an "internet" host outside the VPC. The fabric follows EC2 as the real VPC
 //! does: each ENI attached to a node appears as a link, and every address EC2 assigns to an
 //! ENI (secondary IPs, /28 prefixes) is routed to the node holding it; detached ENIs and
-//! released addresses disappear.
+//! released addresses disappear. Seeded `--ipv6`, the VPC is dual-stack: each node's
+//! primary ENI carries its IPv6 address too (a /128 with the fabric's `fe80::1` as its
+//! gateway, as an instance learns its router from RAs), and each IPv6 /80 prefix is routed
+//! to the node holding it; the internet host has an IPv6 address as well.
 //!
 //! The caller's thread runs inside the fabric namespace (`Lab::run`), with the emulator;
 //! each node runs the real `aws-vpc-cni` entrypoint (which starts ipamd and writes the
@@ -12,7 +15,7 @@
 //! address, as each real instance reaches its own IMDS).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -30,6 +33,11 @@ pub const EMULATOR_ADDR: &str = "100.64.0.1";
 /// The internet host, outside the VPC, and the fabric's address on its link.
 pub const INTERNET_ADDR: &str = "203.0.113.10";
 const INTERNET_GW: &str = "203.0.113.1";
+/// The internet host's IPv6 address (a documentation prefix, outside the VPC's block).
+pub const INTERNET6_ADDR: &str = "2001:db8:ff::10";
+const INTERNET6_GW: &str = "2001:db8:ff::1";
+/// The VPC router's address on every ENI's link, the nodes' IPv6 gateway.
+const ROUTER6: &str = "fe80::1";
 
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -65,6 +73,9 @@ pub struct EniView {
     pub subnet_id: String,
     /// Secondary IPs, and every address of each /28.
     pub addresses: Vec<Ipv4Addr>,
+    /// The ENI's own IPv6 addresses, and its delegated /80s.
+    pub ipv6: Vec<Ipv6Addr>,
+    pub ipv6_prefixes: Vec<(Ipv6Addr, u8)>,
 }
 
 pub struct LabNode {
@@ -191,6 +202,7 @@ pub fn in_fabric<F: std::future::Future<Output = ()>>(f: impl FnOnce(String) -> 
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     sh(&["ip", "link", "set", "lo", "up"]);
     sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    sh(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     sh(&[
         "ip",
         "addr",
@@ -224,6 +236,34 @@ impl Lab {
         }
         for n in &lab.nodes {
             let t0 = Instant::now();
+            while !n.conflist().exists() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "node{}: no conflist after 60 s\n{}",
+                    n.index,
+                    n.ipamd_log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        eprintln!("lab: every node's conflist written in {:?}", t0.elapsed());
+        lab
+    }
+
+    /// `start`, the emulator seeded with these arguments too (`--ipv6`: dual-stack).
+    pub async fn start_seeded(
+        fabric: &str,
+        nodes: usize,
+        instance_type: &str,
+        knobs: &[(&str, &str)],
+        seed: &[&str],
+    ) -> Lab {
+        let t0 = Instant::now();
+        let mut lab = Lab::fabric_seeded(fabric, nodes, instance_type, knobs, seed).await;
+        for i in 0..lab.nodes.len() {
+            lab.start_node(i);
+        }
+        for n in &lab.nodes {
             while !n.conflist().exists() {
                 assert!(
                     t0.elapsed() < Duration::from_secs(60),
@@ -299,6 +339,16 @@ impl Lab {
         inet(&["addr", "add", &format!("{INTERNET_ADDR}/24"), "dev", "eth0"]);
         inet(&["link", "set", "eth0", "up"]);
         inet(&["route", "add", "default", "via", INTERNET_GW]);
+        inet(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{INTERNET6_ADDR}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        inet(&["-6", "route", "add", "default", "via", INTERNET6_GW]);
         sh(&[
             "ip",
             "addr",
@@ -306,6 +356,16 @@ impl Lab {
             &format!("{INTERNET_GW}/24"),
             "dev",
             &iv,
+        ]);
+        sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{INTERNET6_GW}/64"),
+            "dev",
+            &iv,
+            "nodad",
         ]);
         sh(&["ip", "link", "set", &iv, "up"]);
         let dir = tempfile::tempdir().unwrap();
@@ -649,6 +709,19 @@ pub async fn describe_lab_enis(
                 addresses.extend((0..16).map(|i| Ipv4Addr::from(u32::from(base) + i)));
             }
         }
+        let ipv6 = n
+            .ipv6_addresses()
+            .iter()
+            .filter_map(|a| a.ipv6_address()?.parse().ok())
+            .collect();
+        let ipv6_prefixes = n
+            .ipv6_prefixes()
+            .iter()
+            .filter_map(|p| {
+                let (a, l) = p.ipv6_prefix()?.split_once('/')?;
+                Some((a.parse().ok()?, l.parse().ok()?))
+            })
+            .collect();
         out.push(EniView {
             id: n.network_interface_id().unwrap_or_default().to_string(),
             instance: att.instance_id().unwrap_or_default().to_string(),
@@ -657,6 +730,8 @@ pub async fn describe_lab_enis(
             primary_ip: primary,
             subnet_id: n.subnet_id().unwrap_or_default().to_string(),
             addresses,
+            ipv6,
+            ipv6_prefixes,
         });
     }
     Ok(out)
@@ -706,6 +781,12 @@ fn plug(ns: &str, link: &str, idx: &usize, e: &EniView, net: (Ipv4Addr, u8)) -> 
     .into_iter()
     .map(|v| v.into_iter().map(String::from).collect())
     .collect();
+    if !e.ipv6.is_empty() {
+        // The router's IPv6 address on a dual-stack ENI's link, valid at once (no DAD).
+        let router = format!("{ROUTER6}/64");
+        let v = ["ip", "-6", "addr", "add", &router, "dev", link, "nodad"];
+        steps.insert(steps.len() - 1, v.iter().map(|s| s.to_string()).collect());
+    }
     if e.device == 0 {
         // The node's OS configures its primary ENI (DHCP on EC2).
         let addr = format!("{}/{}", e.primary_ip, net.1);
@@ -715,6 +796,20 @@ fn plug(ns: &str, link: &str, idx: &usize, e: &EniView, net: (Ipv4Addr, u8)) -> 
             vec!["ip", "-n", ns, "route", "add", "default", "via", &gw],
         ] {
             steps.push(v.into_iter().map(String::from).collect());
+        }
+        // Dual-stack: its IPv6 address (DHCPv6 on EC2) and the router (from RAs there).
+        if let Some(v6) = e.ipv6.first() {
+            let addr6 = format!("{v6}/128");
+            for v in [
+                vec![
+                    "ip", "-n", ns, "-6", "addr", "add", &addr6, "dev", "eth0", "nodad",
+                ],
+                vec![
+                    "ip", "-n", ns, "-6", "route", "add", "default", "via", ROUTER6, "dev", "eth0",
+                ],
+            ] {
+                steps.push(v.into_iter().map(String::from).collect());
+            }
         }
     }
     steps
@@ -779,6 +874,7 @@ fn converge_fabric(spec: &FabricSpec, enis: &[EniView]) {
     for l in have.keys().filter(|l| !want_links.contains(*l)) {
         let _ = quiet(&["ip", "link", "del", l]);
     }
+    converge_fabric6(spec, enis);
     // Routes to VPC addresses carry protocol 200, so only ours are compared.
     let Some(routes) = json_of(&["ip", "-j", "route", "show", "proto", "200"]) else {
         return;
@@ -812,6 +908,55 @@ fn converge_fabric(spec: &FabricSpec, enis: &[EniView]) {
     }
 }
 
+/// The IPv6 routes of the fabric: each ENI's own addresses on its link, each /80 via the
+/// ENI's address (the node routes it on to its pods).
+fn converge_fabric6(spec: &FabricSpec, enis: &[EniView]) {
+    let mut want: BTreeMap<String, (String, Option<Ipv6Addr>)> = BTreeMap::new();
+    for e in enis {
+        let Some((idx, _)) = spec.nodes.get(&e.instance) else {
+            continue;
+        };
+        let link = format!("n{idx}e{}", e.device);
+        for a in &e.ipv6 {
+            want.insert(format!("{a}/128"), (link.clone(), None));
+        }
+        for (p, l) in &e.ipv6_prefixes {
+            want.insert(format!("{p}/{l}"), (link.clone(), e.ipv6.first().copied()));
+        }
+    }
+    let Some(routes) = json_of(&["ip", "-6", "-j", "route", "show", "proto", "200"]) else {
+        return;
+    };
+    let mut current: BTreeMap<String, (String, Option<Ipv6Addr>)> = BTreeMap::new();
+    for r in routes.as_array().into_iter().flatten() {
+        let (Some(dst), Some(dev)) = (r["dst"].as_str(), r["dev"].as_str()) else {
+            continue;
+        };
+        let dst = if dst.contains('/') {
+            dst.to_string()
+        } else {
+            format!("{dst}/128")
+        };
+        let via = r["gateway"].as_str().and_then(|g| g.parse().ok());
+        current.insert(dst, (dev.to_string(), via));
+    }
+    for (dst, (dev, via)) in &want {
+        if current.get(dst) == Some(&(dev.clone(), *via)) {
+            continue;
+        }
+        let mut args = vec!["ip", "-6", "route", "replace", dst, "proto", "200"];
+        let via_s = via.map(|v| v.to_string());
+        if let Some(v) = &via_s {
+            args.extend(["via", v]);
+        }
+        args.extend(["dev", dev]);
+        let _ = quiet(&args);
+    }
+    for dst in current.keys().filter(|d| !want.contains_key(*d)) {
+        let _ = quiet(&["ip", "-6", "route", "del", dst, "proto", "200"]);
+    }
+}
+
 /// Runs `f` on a thread inside the network namespace at `path` (a pod's, a node's).
 pub fn in_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = path.to_string();
@@ -825,7 +970,8 @@ pub fn in_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 's
 }
 
 /// The network namespace (under /var/run/netns) whose eth0 holds `ip`: a pod's.
-pub fn pod_netns(ip: Ipv4Addr) -> Option<String> {
+pub fn pod_netns(ip: impl Into<std::net::IpAddr>) -> Option<String> {
+    let ip: std::net::IpAddr = ip.into();
     let dir = std::fs::read_dir("/var/run/netns").ok()?;
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -833,7 +979,7 @@ pub fn pod_netns(ip: Ipv4Addr) -> Option<String> {
             continue;
         }
         let out = Command::new("ip")
-            .args(["-n", &name, "-j", "-4", "addr", "show", "dev", "eth0"])
+            .args(["-n", &name, "-j", "addr", "show", "dev", "eth0"])
             .output()
             .ok()?;
         if String::from_utf8_lossy(&out.stdout).contains(&format!("\"{ip}\"")) {
@@ -866,6 +1012,8 @@ mod tests {
             primary_ip: Ipv4Addr::from(ip),
             subnet_id: "subnet-a".into(),
             addresses: vec![],
+            ipv6: vec![],
+            ipv6_prefixes: vec![],
         }
     }
 
