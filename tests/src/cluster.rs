@@ -694,12 +694,24 @@ imageGCHighThresholdPercent: 100
         let yaml = std::fs::read_to_string(repo().join("deploy/aws-node.yaml")).unwrap();
         let endpoint = format!("http://{EMULATOR_ADDR}:{}", self.lab.emu.port);
         let default_image = format!("{AWS_NODE_IMAGE}:{}", env!("CARGO_PKG_VERSION"));
-        let patched = yaml.replace(&format!("image: {default_image}"), &format!("image: {image}")).replacen(
-            "          env:\n",
-            &format!(
-                "          env:\n            - name: AWS_EC2_ENDPOINT\n              value: \"{endpoint}\"\n"
-            ),
-            1,
+        let yaml = yaml.replace(
+            &format!("image: {default_image}"),
+            &format!("image: {image}"),
+        );
+        // The aws-node container's env (the init container has one of its own first).
+        let main = yaml
+            .find("        - name: aws-node\n")
+            .expect("the manifest's aws-node container moved");
+        let (head, tail) = yaml.split_at(main);
+        let patched = format!(
+            "{head}{}",
+            tail.replacen(
+                "          env:\n",
+                &format!(
+                    "          env:\n            - name: AWS_EC2_ENDPOINT\n              value: \"{endpoint}\"\n"
+                ),
+                1,
+            )
         );
         assert!(
             patched.contains("AWS_EC2_ENDPOINT"),
