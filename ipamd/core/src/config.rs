@@ -477,11 +477,6 @@ mod tests {
                 "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
                 "IPv4 only",
             ),
-            (
-                [&v6[..], &[pd]].concat(),
-                "ENABLE_IPv6",
-                "not serve IPv6 pods yet",
-            ),
         ] {
             let e = cfg(&env).unwrap_err();
             assert_eq!(e.var, var, "{env:?}: {e}");
