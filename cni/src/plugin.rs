@@ -442,12 +442,10 @@ async fn build<A: PodFamily>(
     old: &Occupants,
     taken_macs: &[[u8; 6]],
 ) -> std::result::Result<Built, vpc_cni_netlink::NlError> {
-    let home = NetNs::current().map_err(|e| vpc_cni_netlink::NlError {
-        op: "open the host network namespace".into(),
-        errno: e.raw_os_error(),
-        text: e.to_string(),
-    })?;
-    let in_pod = |f: &mut dyn FnMut() -> std::io::Result<()>| sides.pod_ns.run_in(&home, f)?;
+    // Only an IPv6 pod's sysctls need the pod's namespace entered: the host's is opened
+    // then, not on every ADD.
+    let in_pod =
+        |f: &mut dyn FnMut() -> std::io::Result<()>| sides.pod_ns.run_in(&NetNs::current()?, f)?;
     let r = datapath::setup(
         &sides.host,
         &sides.pod,

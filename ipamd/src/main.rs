@@ -128,6 +128,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads the instance from IMDS, retried with backoff for `wait` (IPAMD_IMDS_WAIT_MS):
+/// IMDS may be slow or refuse while an instance boots. False: it never answered.
+async fn learn_with_retry<F, Fut>(wait: Duration, learn: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ipamd_core::cloud::CloudError>>,
+{
+    let deadline = std::time::Instant::now() + wait;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match learn().await {
+            Ok(()) => return true,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let pause = delay.min(deadline - std::time::Instant::now());
+                warn!("instance metadata (IMDS) not available, retrying in {pause:?}: {e}");
+                tokio::time::sleep(pause).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                error!(
+                    "instance metadata (IMDS) did not answer within {wait:?} (IPAMD_IMDS_WAIT_MS): {e}"
+                );
+                return false;
+            }
+        }
+    }
+}
+
 async fn daemon() -> ExitCode {
     if let Err(e) = init_logging() {
         eprintln!("ipamd: {e}");
@@ -278,27 +306,10 @@ async fn daemon() -> ExitCode {
         let (node, ec2, stop_tx, gave_up) =
             (node.clone(), ec2.clone(), stop_tx.clone(), gave_up.clone());
         tokio::spawn(async move {
-            let wait = node.timing.imds_wait;
-            let deadline = std::time::Instant::now() + wait;
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match node.learn_instance().await {
-                    Ok(()) => break,
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        let pause = delay.min(deadline - std::time::Instant::now());
-                        warn!("instance metadata (IMDS) not available, retrying in {pause:?}: {e}");
-                        tokio::time::sleep(pause).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => {
-                        error!(
-                            "instance metadata (IMDS) did not answer within {wait:?} (IPAMD_IMDS_WAIT_MS): {e}"
-                        );
-                        gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
-                        let _ = stop_tx.send(true);
-                        return;
-                    }
-                }
+            if !learn_with_retry(node.timing.imds_wait, || node.learn_instance()).await {
+                gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = stop_tx.send(true);
+                return;
             }
             let Some(inst) = node.identity() else { return };
             info!(
@@ -444,27 +455,10 @@ async fn daemon6(
         let (node, ec2, stop_tx, gave_up) =
             (node.clone(), ec2.clone(), stop_tx.clone(), gave_up.clone());
         tokio::spawn(async move {
-            let wait = node.timing.imds_wait;
-            let deadline = std::time::Instant::now() + wait;
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match node.learn_instance().await {
-                    Ok(()) => break,
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        let pause = delay.min(deadline - std::time::Instant::now());
-                        warn!("instance metadata (IMDS) not available, retrying in {pause:?}: {e}");
-                        tokio::time::sleep(pause).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => {
-                        error!(
-                            "instance metadata (IMDS) did not answer within {wait:?} (IPAMD_IMDS_WAIT_MS): {e}"
-                        );
-                        gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
-                        let _ = stop_tx.send(true);
-                        return;
-                    }
-                }
+            if !learn_with_retry(node.timing.imds_wait, || node.learn_instance()).await {
+                gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = stop_tx.send(true);
+                return;
             }
             ec2.inner()
                 .install(aws::SdkEc2::from_env(ec2_endpoint.as_deref()).await);
